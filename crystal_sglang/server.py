@@ -1,0 +1,118 @@
+"""Start and stop a real SGLang server process on 127.0.0.1 (used by the demo, the tests and the benchmarks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+CPU_SERVER_ARGS = ("--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+class SGLangServer:
+    """`python -m sglang.launch_server` in its own process group, bound to 127.0.0.1.
+
+    Use as a context manager: it returns once the server answers `/health`, and on exit terminates the whole
+    process group (scheduler and detokenizer included) by the launcher's process id.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        extra_args: list[str] | tuple[str, ...] = (),
+        log_path: str | Path | None = None,
+        env: dict[str, str] | None = None,
+        start_timeout: float = 300.0,
+        port: int | None = None,
+    ):
+        self.port = port or free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.command = [
+            sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
+            "--host", "127.0.0.1", "--port", str(self.port), *extra_args,
+        ]  # fmt: skip
+        self.log_path = Path(log_path) if log_path else None
+        self.env = {**os.environ, **(env or {})}
+        self.start_timeout = start_timeout
+        self.process: subprocess.Popen | None = None
+        self.started_in: float | None = None
+
+    def start(self) -> "SGLangServer":
+        log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
+        begin = time.monotonic()
+        self.process = subprocess.Popen(
+            self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+        while time.monotonic() - begin < self.start_timeout:
+            if self.process.poll() is not None:
+                raise ServerError(f"the server exited with code {self.process.returncode} while starting{self._tail()}")
+            if self._healthy():
+                self.started_in = time.monotonic() - begin
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise ServerError(f"the server did not answer /health within {self.start_timeout:.0f} s{self._tail()}")
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.base_url + "/health", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    def _tail(self, lines: int = 30) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return "; log tail:\n" + "\n".join(tail)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def post(self, path: str, payload: dict, timeout: float = 600.0) -> dict:
+        request = urllib.request.Request(
+            self.base_url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            raise ServerError(f"{path} answered {error.code}: {error.read().decode(errors='replace')}") from error
+
+    def get(self, path: str, timeout: float = 60.0) -> dict | str:
+        with urllib.request.urlopen(self.base_url + path, timeout=timeout) as response:
+            body = response.read().decode()
+        try:
+            return json.loads(body)
+        except json.JSONDecodeError:
+            return body
+
+    def __enter__(self) -> "SGLangServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
