@@ -1,0 +1,68 @@
+"""Splitting a budget in proportion to need, with floors and caps: Crystal-KV's Algorithm 2.
+
+The same allocation splits a request's entries between its layers and heads (reference path) and the server's
+pool between running requests (scheduler): whoever shows a higher CRF per slot is being forced to evict
+CrystalKV and gets more.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def proportional_allocation(
+    weights: torch.Tensor, total: int, floor: torch.Tensor | int = 0, cap: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Integers summing to `total` (or to `cap.sum()` when that is smaller), each in [floor, cap], distributed above
+    the floors in proportion to `weights` (water-filling around the caps, largest remainders for rounding)."""
+    count = weights.numel()
+    weights = weights.to(torch.float64).clamp_min(0).reshape(count)
+    floor_t = torch.as_tensor(floor, dtype=torch.int64).expand(count).clone()
+    cap_t = (
+        torch.full((count,), 1 << 62, dtype=torch.int64) if cap is None else cap.to(torch.int64).reshape(count).clone()
+    )
+    floor_t = torch.minimum(floor_t, cap_t)
+    total = min(int(total), int(cap_t.sum()))
+    if int(floor_t.sum()) > total:
+        raise ValueError(f"floors sum to {int(floor_t.sum())}, above the total {total}")
+    if float(weights.sum()) == 0.0:
+        weights = torch.ones(count, dtype=torch.float64)
+
+    share = floor_t.to(torch.float64)
+    open_ = share < cap_t
+    remaining = float(total - int(floor_t.sum()))
+    while remaining > 1e-9 and bool(open_.any()):
+        w = torch.where(open_, weights, torch.zeros_like(weights))
+        if float(w.sum()) == 0.0:
+            w = open_.to(torch.float64)
+        grant = remaining * w / w.sum()
+        room = cap_t.to(torch.float64) - share
+        grant = torch.minimum(grant, room)
+        share += grant
+        remaining -= float(grant.sum())
+        open_ &= share < cap_t.to(torch.float64) - 1e-9
+
+    result = torch.floor(share + 1e-9).to(torch.int64)
+    shortfall = total - int(result.sum())
+    if shortfall > 0:
+        fraction = (share - result.to(torch.float64)).masked_fill(result >= cap_t, -1.0)
+        result[torch.argsort(fraction, descending=True, stable=True)[:shortfall]] += 1
+    return result
+
+
+def reallocate_heads(
+    utilisation: torch.Tensor, budgets: torch.Tensor, total: int, floor: int, cap: torch.Tensor
+) -> torch.Tensor:
+    """Algorithm 2: new per-(layer, head) budgets [L, H] from each head's summed CRF and current budget.
+
+    eta_i = sum_j CRF_ij / sum_j B_ij decides the layers' shares, eta_ij = CRF_ij / B_ij the heads' shares within
+    a layer; every head keeps at least `floor` and at most `cap` (what it holds)."""
+    layers, heads = budgets.shape
+    current = budgets.to(torch.float64).clamp_min(1)
+    utilisation = utilisation.to(torch.float64).clamp_min(0)
+    layer_eta = utilisation.sum(1) / current.sum(1)
+    layer_cap = cap.sum(1)
+    layer_budget = proportional_allocation(layer_eta, total, floor * heads, layer_cap)
+    head_eta = utilisation / current
+    rows = [proportional_allocation(head_eta[i], int(layer_budget[i]), floor, cap[i]) for i in range(layers)]
+    return torch.stack(rows)

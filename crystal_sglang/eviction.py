@@ -1,0 +1,188 @@
+"""One request's eviction driver: bookkeeping of which token each head keeps in each slot, protection, cadence.
+
+The integration (transformers reference path or SGLang) owns the physical keys and values. Per step it tells the
+evictor what was appended and what the score kernel saw, asks `decide()`, and applies the returned `Decision`
+to its storage: quantization orders first (they name slots before compaction), then the compaction to `keep`.
+The evictor has already updated its own bookkeeping when it returns the decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from crystal_sglang.budgets import reallocate_heads
+from crystal_sglang.config import EvictionSpec
+from crystal_sglang.policies import create_policy
+from crystal_sglang.policies.base import (
+    CacheShape,
+    Decision,
+    SelectionContext,
+    SelectionInput,
+    StepScores,
+)
+
+SHARED_SLOTS = "shared"  # every head keeps the same number of entries (SGLang: slots are shared by all layers)
+PER_HEAD = "per_head"  # heads may keep different numbers (reference path; the rest is masked out)
+
+
+@dataclass
+class EvictionStats:
+    evicted: int = 0  # entries removed per head, summed over evictions (per-head mean in the per-head layout)
+    evictions: int = 0
+    reallocations: int = 0
+
+
+class RequestEvictor:
+    def __init__(
+        self,
+        spec: EvictionSpec,
+        shape: CacheShape,
+        prompt_length: int,
+        full_length: int,
+        *,
+        device: torch.device | str = "cpu",
+        layout: str = SHARED_SLOTS,
+        end_of_think_ids: tuple[int, ...] = (),
+        realloc_period: int = 128,
+        realloc_floor: float = 0.25,
+    ):
+        self.spec = spec
+        self.shape = shape
+        self.device = torch.device(device)
+        self.policy = create_policy(spec)
+        self.state = self.policy.new_state(shape, self.device)
+        self.settings = spec.settings
+        self.layout = layout
+        self.prompt_length = prompt_length
+        self.budget = spec.budget.resolve(full_length)
+        self.state.budget = self.budget
+        self.head_budgets = torch.full((shape.layers, shape.kv_heads), self.budget, dtype=torch.int64)
+        self.positions = torch.empty((shape.layers, shape.kv_heads, 0), dtype=torch.int64, device=self.device)
+        self.valid = torch.empty((shape.layers, shape.kv_heads, 0), dtype=torch.bool, device=self.device)
+        self.length = 0  # logical length: tokens seen so far
+        self.pinned = 0  # leading slots owned by someone else (SGLang's prefix cache): never moved
+        self.end_of_think_ids = tuple(end_of_think_ids)
+        self.think_end: int | None = None  # logical position where the answer starts
+        self._recent_tokens: list[int] = []
+        self.adaptive = layout == PER_HEAD and self.policy.reallocates
+        self.realloc_period = realloc_period
+        self.realloc_floor = realloc_floor
+        self._last_realloc = 0
+        self.stats = EvictionStats()
+
+    # ---- what happened -------------------------------------------------------------------------------------------
+    @property
+    def entries(self) -> int:
+        """Slots held per head (the row length)."""
+        return self.positions.shape[-1]
+
+    def append(self, count: int = 1) -> None:
+        """`count` new tokens entered every head's cache at the next logical positions."""
+        start = self.length
+        new = torch.arange(start, start + count, dtype=torch.int64, device=self.device)
+        shape = (self.shape.layers, self.shape.kv_heads, count)
+        self.positions = torch.cat([self.positions, new.expand(shape)], dim=-1)
+        self.valid = torch.cat([self.valid, torch.ones(shape, dtype=torch.bool, device=self.device)], dim=-1)
+        self.length += count
+        for name, values in self.policy.initial_entries(self.state, count, self.length - 1).items():
+            current = self.state.entries.get(name)
+            self.state.entries[name] = values if current is None else torch.cat([current, values], dim=-1)
+
+    def see_tokens(self, token_ids, start: int) -> None:
+        """The token ids at logical positions `start`, `start + 1`, ...: watches for the end-of-think marker.
+
+        May lag the append by a step: the marker is in the protected window when it arrives."""
+        marker = self.end_of_think_ids
+        if not marker or self.think_end is not None:
+            return
+        for offset, token in enumerate(token_ids):
+            self._recent_tokens = (self._recent_tokens + [int(token)])[-len(marker):]
+            if tuple(self._recent_tokens) == marker:
+                self.think_end = start + offset + 1 - len(marker)
+                return
+
+    def observe(self, scores: StepScores) -> None:
+        self.policy.observe(self.state, scores, self.length - 1, self.valid)
+
+    # ---- what to do ----------------------------------------------------------------------------------------------
+    def protected(self) -> torch.Tensor:
+        positions = self.positions
+        protected = positions < self.settings.sinks
+        protected |= positions >= self.length - self.settings.window
+        if self.settings.protect_prompt:
+            protected |= positions < self.prompt_length
+        if self.think_end is not None:
+            protected |= positions >= self.think_end
+        if self.pinned:
+            protected[..., : self.pinned] = True
+        return protected & self.valid
+
+    def effective_budgets(self, protected: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-head budgets, raised to the protected count where protection alone exceeds them."""
+        protected = self.protected() if protected is None else protected
+        return torch.maximum(self.head_budgets, protected.sum(-1))
+
+    def due(self) -> bool:
+        if not self.policy.evicts:
+            return False
+        held = self.valid.sum(-1)
+        return bool((held - self.effective_budgets()).max() > self.settings.buffer) or self.policy.pending(self.state)
+
+    def decide(self, context: SelectionContext | None = None) -> Decision | None:
+        """This step's quantization orders and, when due, the eviction; None when there is nothing to do."""
+        due = self.due()
+        if not due and not self.policy.changes_precision:
+            return None
+        selection = self._selection_input(context)
+        quantize = self.policy.transforms(self.state, selection)
+        if not due:
+            return Decision(quantize=quantize) if quantize else None
+        if self.adaptive and self.length - self._last_realloc >= self.realloc_period:
+            self._reallocate(selection)
+            selection.budgets = self.effective_budgets(selection.protected)
+        decision = self.policy.select(self.state, selection)
+        decision.quantize = quantize
+        self._apply(decision)
+        return decision
+
+    def _selection_input(self, context: SelectionContext | None) -> SelectionInput:
+        protected = self.protected()
+        return SelectionInput(
+            budgets=self.effective_budgets(protected),
+            protected=protected,
+            valid=self.valid,
+            positions=self.positions,
+            step=self.length - 1,
+            context=context,
+        )
+
+    def _reallocate(self, selection: SelectionInput) -> None:
+        utilisation = self.policy.utilisation(self.state, selection.step, self.valid)
+        if utilisation is None:
+            return
+        heads = self.shape.layers * self.shape.kv_heads
+        protected_count = int(selection.protected.sum(-1).max())
+        floor = max(protected_count, int(self.realloc_floor * self.budget))
+        total = max(self.budget * heads, floor * heads)
+        self.head_budgets = reallocate_heads(utilisation, self.head_budgets, total, floor, self.valid.sum(-1))
+        self._last_realloc = self.length
+        self.stats.reallocations += 1
+
+    def _apply(self, decision: Decision) -> None:
+        keep = decision.keep
+        before = self.valid.sum(-1)
+        self.positions = torch.gather(self.positions, -1, keep)
+        valid = torch.gather(self.valid, -1, keep)
+        self.valid = valid if decision.keep_valid is None else valid & decision.keep_valid
+        for name, values in self.state.entries.items():
+            self.state.entries[name] = torch.gather(values, -1, keep)
+        self.stats.evicted += int((before - self.valid.sum(-1)).sum()) // max(1, before.numel())
+        self.stats.evictions += 1
+
+    def set_budget(self, budget: int) -> None:
+        """A new per-head budget (the scheduler's reallocation between requests)."""
+        self.budget = int(budget)
+        self.state.budget = self.budget
+        self.head_budgets = torch.full_like(self.head_budgets, self.budget)

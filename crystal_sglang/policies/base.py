@@ -1,0 +1,191 @@
+"""The policy interface: per-request state, `observe` each decode step's scores, `select` what to keep.
+
+A policy sees one request's cache as a grid of entries `[layers, kv_heads, n]`: entry `i` of head `(l, h)` is
+whatever token that head keeps in the request's `i`-th cache slot (heads may keep different tokens in the same
+slot). Per-entry statistics live in `PolicyState.entries` and follow the entries through appends and
+compactions without the policy doing anything. What the policy must be fed each step is declared in `needs`;
+the integration (the transformers reference path or the SGLang patches) computes it with the score kernel.
+
+Nothing here imports SGLang.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from crystal_sglang.config import EvictionSpec
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    layers: int
+    kv_heads: int
+    group: int  # query heads per KV head (GQA)
+    head_dim: int
+
+    @property
+    def q_heads(self) -> int:
+        return self.kv_heads * self.group
+
+
+@dataclass(frozen=True)
+class ScoreNeeds:
+    """What the integration must compute for this policy."""
+
+    attention: bool = False  # every decode step: group-mean softmax attention of the new query over the cache
+    sparsity: bool = False  # every decode step: per query head, share of the row below 1 % of its max
+    query_window: int = 0  # every decode step: keep this many newest rotated queries per layer
+    keys_at_selection: bool = False  # at selection: the cached keys (and the score function over them)
+
+
+@dataclass
+class StepScores:
+    """One decode step's observations, for the entries present after that step's append."""
+
+    attention: torch.Tensor | None = None  # [L, H, n] float32, rows sum to 1 over valid entries
+    sparsity: torch.Tensor | None = None  # [L, Hq] float32 in [0, 1]
+    queries: torch.Tensor | None = None  # [L, Hq, d] rotated queries of this step
+
+
+class SelectionContext(Protocol):
+    """Access to the request's cache at selection time, provided by the integration."""
+
+    def keys(self) -> torch.Tensor:
+        """[L, H, n, d] cached (rotated) keys in slot order."""
+
+    def attention(self, queries: torch.Tensor, lengths: torch.Tensor | int, mode: str) -> torch.Tensor:
+        """Scores [L, H, n] of observation queries [L, W, Hq, d] over the first `lengths` entries of each head.
+
+        mode "mean": mean over queries and the GQA group of softmax attention; "max_logit": per query, max over
+        the group on the logits, softmax over entries, mean over queries (R-KV's aggregation)."""
+
+
+@dataclass
+class QuantizeOrder:
+    """Replace entries by their `bits`-bit quantized values (keys per channel, values per token, groups of 16)."""
+
+    entries: torch.Tensor  # [L, H, m] slot indices
+    bits: int
+
+
+@dataclass
+class Decision:
+    keep: torch.Tensor | None = None  # [L, H, k] slot indices to keep, ascending per head
+    keep_valid: torch.Tensor | None = None  # [L, H, k] False where a head keeps fewer (per-head budgets only)
+    quantize: list[QuantizeOrder] = field(default_factory=list)
+
+
+@dataclass
+class PolicyState:
+    """One request's policy state. Tensors in `entries` are [L, H, n] and are appended and gathered with the cache."""
+
+    shape: CacheShape
+    device: torch.device
+    budget: int = 0  # the request's per-head budget, kept current by the evictor
+    entries: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SelectionInput:
+    """Everything `select` may read, prepared by the request's evictor."""
+
+    budgets: torch.Tensor  # [L, H] entries each head keeps (never below its protected count)
+    protected: torch.Tensor  # [L, H, n] bool: never evicted
+    valid: torch.Tensor  # [L, H, n] bool: entry present
+    positions: torch.Tensor  # [L, H, n] logical positions
+    step: int  # logical position of the newest token
+    context: SelectionContext | None = None
+
+
+class EvictionPolicy(ABC):
+    """One eviction policy. Subclasses give `priority` (higher is kept); the base class keeps the protected
+    entries plus the highest-priority others, ties going to the newer entry."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type | None] = None
+    reallocates: ClassVar[bool] = False  # Crystal-KV's Algorithm 2: budgets follow CRF per slot
+    evicts: ClassVar[bool] = True
+    changes_precision: ClassVar[bool] = False  # returns quantization orders from `transforms`
+
+    def __init__(self, spec: EvictionSpec):
+        self.spec = spec
+        self.settings = spec.settings
+        self.params = spec.params
+
+    @property
+    def needs(self) -> ScoreNeeds:
+        return ScoreNeeds()
+
+    def new_state(self, shape: CacheShape, device: torch.device | str = "cpu") -> PolicyState:
+        return PolicyState(shape=shape, device=torch.device(device))
+
+    def initial_entries(self, state: PolicyState, count: int, step: int) -> dict[str, torch.Tensor]:
+        """Per-entry statistics for `count` new entries appended at logical position `step` (prefill: its last)."""
+        return {}
+
+    def observe(self, state: PolicyState, scores: StepScores, step: int, valid: torch.Tensor) -> None:
+        """Take one decode step's scores. Called after the step's entry has been appended."""
+
+    def pending(self, state: PolicyState) -> bool:
+        """True when the policy wants to evict now even though the cache is within budget (ThinKV)."""
+        return False
+
+    def utilisation(self, state: PolicyState, step: int, valid: torch.Tensor) -> torch.Tensor | None:
+        """[L, H] summed usefulness of each head's entries (Crystal-KV's CRF), for budget reallocation."""
+        return None
+
+    def priority(self, state: PolicyState, selection: SelectionInput) -> torch.Tensor:
+        """[L, H, n] keep priority; only compared within one head."""
+        raise NotImplementedError
+
+    def tiebreak(self, state: PolicyState, selection: SelectionInput) -> torch.Tensor:
+        """[L, H, n] second key among equal priorities (higher kept): recency by default."""
+        return selection.positions.to(torch.float64)
+
+    def select(self, state: PolicyState, selection: SelectionInput) -> Decision:
+        keep, keep_valid = keep_top(
+            self.priority(state, selection),
+            self.tiebreak(state, selection),
+            selection.budgets,
+            selection.protected,
+            selection.valid,
+        )
+        return Decision(keep=keep, keep_valid=keep_valid)
+
+    def transforms(self, state: PolicyState, selection: SelectionInput) -> list[QuantizeOrder]:
+        """Precision changes to apply this step (ThinKV's quantization); none by default."""
+        return []
+
+
+def keep_top(
+    priority: torch.Tensor,
+    tiebreak: torch.Tensor,
+    budgets: torch.Tensor,
+    protected: torch.Tensor,
+    valid: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per head: all protected entries, then the best others by (priority, tiebreak) up to the head's budget.
+
+    Returns kept slot indices [L, H, k] ascending per head, with k the largest budget, and a validity mask where
+    heads keep fewer than k (None when every head keeps k)."""
+    layers, heads, n = priority.shape
+    key = priority.to(torch.float64).masked_fill(protected, float("inf")).masked_fill(~valid, float("-inf"))
+    # Lexicographic order: sort by the tie-break, then stably by the key.
+    order = torch.sort(tiebreak.to(torch.float64), dim=-1, descending=True, stable=True).indices
+    key_in_order = torch.gather(key, -1, order)
+    ranked = torch.gather(order, -1, torch.sort(key_in_order, dim=-1, descending=True, stable=True).indices)
+    k = int(budgets.max())
+    k = min(k, n)
+    chosen = ranked[..., :k]
+    chosen_valid = torch.arange(k, device=priority.device).view(1, 1, k) < budgets.unsqueeze(-1)
+    chosen_valid &= torch.gather(valid, -1, chosen)
+    # Ascending slot order among the kept entries; padding entries go last.
+    order = torch.sort(chosen.masked_fill(~chosen_valid, n), dim=-1, stable=True).indices
+    chosen = torch.gather(chosen, -1, order)
+    chosen_valid = torch.gather(chosen_valid, -1, order)
+    return chosen, (None if bool(chosen_valid.all()) else chosen_valid)

@@ -1,0 +1,87 @@
+"""Crystal-KV: attention-based LRFU (Algorithm 1), with Algorithm 2's budget reallocation (`crystal`) or without
+(`crystal-lite`).
+
+Every entry carries a combined recency-frequency value `crf` and the step `tau` of its last hit. A decode step's
+hits are the top-p nucleus of the new query's attention; a hit decays then rewards, `crf = lam**(t - tau) * crf + 1`.
+An entry's worth at step t is `crf * lam**(t - tau)`: entries attended often and lately stay ("CrystalKV"); entries
+attended once and then forgotten ("SlipKV") decay and go. lam = 0 is LRU, lam = 1 is LFU.
+
+Choices the paper leaves open (see docs/DESIGN.md): a new entry's creation counts as its first hit (crf = 1,
+tau = its step); the hit mask of a KV head is the nucleus of its GQA group's mean attention; hits are recorded
+every decode step while evictions run when the cache exceeds budget + buffer; ties go to the more recently hit,
+then the newer entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from crystal_sglang.config import ConfigError
+from crystal_sglang.policies.base import EvictionPolicy, PolicyState, ScoreNeeds, SelectionInput, StepScores
+
+
+@dataclass(frozen=True)
+class LRFUParams:
+    top_p: float = 0.9  # nucleus of the attention that counts as a hit
+    lam: float = 0.6  # retention per step (0: LRU, 1: LFU)
+
+    def validate(self) -> None:
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p} must lie in (0, 1]")
+        if not 0 <= self.lam <= 1:
+            raise ConfigError(f"lam={self.lam} must lie in [0, 1]")
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Smallest set of entries (per row) whose probabilities sum to at least `top_p`."""
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    hit_sorted = (before < top_p) & (sorted_probs > 0)
+    return torch.zeros_like(hit_sorted).scatter(-1, order, hit_sorted)
+
+
+class CrystalLite(EvictionPolicy):
+    name = "crystal-lite"
+    Params = LRFUParams
+
+    @property
+    def needs(self) -> ScoreNeeds:
+        return ScoreNeeds(attention=True)
+
+    def initial_entries(self, state: PolicyState, count: int, step: int) -> dict[str, torch.Tensor]:
+        shape = (state.shape.layers, state.shape.kv_heads, count)
+        return {
+            "crf": torch.ones(shape, dtype=torch.float64, device=state.device),
+            "tau": torch.full(shape, step, dtype=torch.int64, device=state.device),
+        }
+
+    def observe(self, state: PolicyState, scores: StepScores, step: int, valid: torch.Tensor) -> None:
+        crf, tau = state.entries["crf"], state.entries["tau"]
+        hit = nucleus(scores.attention.masked_fill(~valid, 0.0), self.params.top_p)
+        hit &= tau < step  # an entry created this step has had its first hit already
+        decay = torch.pow(torch.tensor(self.params.lam, dtype=torch.float64), (step - tau).to(torch.float64))
+        state.entries["crf"] = torch.where(hit, decay * crf + 1.0, crf)
+        state.entries["tau"] = torch.where(hit, torch.full_like(tau, step), tau)
+
+    def worth(self, state: PolicyState, step: int) -> torch.Tensor:
+        crf, tau = state.entries["crf"], state.entries["tau"]
+        lam = torch.tensor(self.params.lam, dtype=torch.float64)
+        return crf * torch.pow(lam, (step - tau).to(torch.float64))
+
+    def priority(self, state: PolicyState, selection: SelectionInput) -> torch.Tensor:
+        return self.worth(state, selection.step)
+
+    def tiebreak(self, state: PolicyState, selection: SelectionInput) -> torch.Tensor:
+        # Most recently hit first; among those, the newer entry (positions are below 2**40).
+        tau = state.entries["tau"].to(torch.float64)
+        return tau * float(1 << 40) + selection.positions.to(torch.float64)
+
+    def utilisation(self, state: PolicyState, step: int, valid: torch.Tensor) -> torch.Tensor:
+        return self.worth(state, step).masked_fill(~valid, 0.0).sum(-1)
+
+
+class Crystal(CrystalLite):
+    name = "crystal"
+    reallocates = True
