@@ -1,0 +1,1 @@
+"""The transformers reference path: any policy applied inside `generate()` or a teacher-forced replay."""

@@ -1,0 +1,66 @@
+"""Torch reference of the score-extraction kernel: what the eviction policies are fed.
+
+Inputs are SGLang-shaped: observation queries per request, the layer's key buffer `[slots, kv_heads, head_dim]`
+and each request's slots through `req_to_token[req_pool_indices[b], :seq_lens[b]]`. Per request and KV head it
+returns the softmax attention of the observation queries over the request's entries, aggregated over the GQA
+group and the observation queries:
+
+- "mean": mean over queries and the group's query heads of each query head's softmax (Crystal-KV, H2O);
+- "max_logit": per query, the group's maximum logit, softmax over entries, mean over queries (R-KV, SnapKV);
+
+and optionally, per request, query and query head, the attention sparsity: the share of the row's entries whose
+probability is below `sparsity_threshold` times the row's largest (ThinKV).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MODES = ("mean", "max_logit")
+
+
+def score_reference(
+    queries: torch.Tensor,
+    k_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    mode: str = "mean",
+    sparsity_threshold: float | None = None,
+    scale: float | None = None,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """queries [B, W, Hq, d]; returns scores [B, Hkv, n_max] float32 (zero past a request's length) and sparsity
+    [B, W, Hq] float32 or None. `valid` [B, Hkv, n_max] (reference path only) masks entries per head."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    batch, window, q_heads, dim = queries.shape
+    kv_heads = k_buffer.shape[1]
+    group = q_heads // kv_heads
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    n_max = int(seq_lens.max()) if batch else 0
+    slots = req_to_token[req_pool_indices.to(torch.int64)][:, :n_max].to(torch.int64)
+    keys = k_buffer[slots].to(torch.float32).permute(0, 2, 1, 3)  # [B, Hkv, n, d]
+    q = queries.to(torch.float32).view(batch, window, kv_heads, group, dim).permute(0, 2, 1, 3, 4)
+    logits = torch.einsum("bhwgd,bhnd->bhwgn", q, keys) * scale
+    present = torch.arange(n_max, device=keys.device).view(1, 1, n_max) < seq_lens.view(batch, 1, 1).to(keys.device)
+    if valid is not None:
+        present = present & valid[..., :n_max].to(torch.bool)
+    logits = logits.masked_fill(~present[:, :, None, None, :], float("-inf"))
+
+    probs = torch.softmax(logits, dim=-1)
+    if mode == "mean":
+        scores = probs.mean(dim=(2, 3))
+    else:
+        scores = torch.softmax(logits.amax(dim=3), dim=-1).mean(dim=2)
+    scores = torch.nan_to_num(scores, nan=0.0)
+
+    sparsity = None
+    if sparsity_threshold is not None:
+        low = probs < sparsity_threshold * probs.amax(dim=-1, keepdim=True)
+        counted = (low & present[:, :, None, None, :]).sum(-1).to(torch.float32)
+        entries = present.sum(-1).clamp_min(1).to(torch.float32)[:, :, None, None]
+        sparsity = (counted / entries).permute(0, 2, 1, 3).reshape(batch, window, q_heads)
+    return scores, sparsity
