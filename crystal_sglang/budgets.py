@@ -22,7 +22,7 @@ def proportional_allocation(
         torch.full((count,), 1 << 62, dtype=torch.int64) if cap is None else cap.to(torch.int64).reshape(count).clone()
     )
     floor_t = torch.minimum(floor_t, cap_t)
-    total = min(int(total), int(cap_t.sum()))
+    total = int(total) if cap is None else min(int(total), int(cap_t.sum()))  # (summing the sentinel overflows)
     if int(floor_t.sum()) > total:
         raise ValueError(f"floors sum to {int(floor_t.sum())}, above the total {total}")
     if float(weights.sum()) == 0.0:
@@ -62,7 +62,8 @@ def reallocate_heads(
     utilisation = utilisation.to(torch.float64).clamp_min(0)
     layer_eta = utilisation.sum(1) / current.sum(1)
     layer_cap = cap.sum(1)
-    layer_budget = proportional_allocation(layer_eta, total, floor * heads, layer_cap)
+    layer_floor = torch.minimum(torch.full_like(cap, floor), cap).sum(1)  # a head's floor is capped by what it holds
+    layer_budget = proportional_allocation(layer_eta, total, layer_floor, layer_cap)
     head_eta = utilisation / current
     rows = [proportional_allocation(head_eta[i], int(layer_budget[i]), floor, cap[i]) for i in range(layers)]
     return torch.stack(rows)

@@ -35,11 +35,11 @@ class Budget:
         return str(self.entries) if self.entries is not None else f"{self.ratio * 100:g}%"
 
 
-_MAX_ENTRIES = 1 << 24
+MAX_ENTRIES = 1 << 24
 
 
 def parse_budget(value: Any) -> Budget:
-    """`128` or `"128"` (entries), `"10%"` (share of the full length) or `0.1` (a float below 1: a share)."""
+    """`128` or `"128"` (entries), `"10%"` (share of the full length) or `0.1` / `"0.1"` (below 1: a share)."""
     if isinstance(value, bool):
         raise ConfigError(f"budget {value!r} is not a number: give entries (e.g. 128) or a share (e.g. 10%)")
     if isinstance(value, str):
@@ -55,7 +55,10 @@ def parse_budget(value: Any) -> Budget:
         try:
             value = int(text)
         except ValueError:
-            raise ConfigError(f"budget {value!r} is not a number: give entries (e.g. 128) or a share (e.g. 10%)")
+            try:
+                value = float(text)  # "0.1" from a flag means what 0.1 means in JSON: a share
+            except ValueError:
+                raise ConfigError(f"budget {value!r} is not a number: give entries (e.g. 128) or a share (e.g. 10%)")
     if isinstance(value, float):
         if not math.isfinite(value) or not 0 < value < 1:
             raise ConfigError(f"budget {value!r}: a fractional budget is a share and must lie in (0, 1); "
@@ -65,8 +68,8 @@ def parse_budget(value: Any) -> Budget:
         raise ConfigError(f"budget {value!r} is not a number: give entries (e.g. 128) or a share (e.g. 10%)")
     if value <= 0:
         raise ConfigError(f"budget {value} must be positive (entries kept per layer and KV head)")
-    if value > _MAX_ENTRIES:
-        raise ConfigError(f"budget {value} is above the largest supported ({_MAX_ENTRIES} entries)")
+    if value > MAX_ENTRIES:
+        raise ConfigError(f"budget {value} is above the largest supported ({MAX_ENTRIES} entries)")
     return Budget(entries=value)
 
 
@@ -162,10 +165,12 @@ def build_spec(policy: str, budget: Budget, config: dict, policy_params_type: An
     settings = Settings(**settings_values)
     for name in ("buffer", "sinks", "window"):
         value = getattr(settings, name)
-        if not 0 <= value <= _MAX_ENTRIES:
-            raise ConfigError(f"{name}={value} must lie in [0, {_MAX_ENTRIES}]")
+        if not 0 <= value <= MAX_ENTRIES:
+            raise ConfigError(f"{name}={value} must lie in [0, {MAX_ENTRIES}]")
     if settings.buffer < 1:
         raise ConfigError("buffer must be at least 1 entry")
+    if not 0 <= settings.seed < 1 << 63:
+        raise ConfigError(f"seed={settings.seed} must lie in [0, 2**63)")
     if settings.end_of_think == "":
         raise ConfigError("end_of_think must be a non-empty marker or null")
     params = None

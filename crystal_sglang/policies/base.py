@@ -41,6 +41,18 @@ class ScoreNeeds:
     query_window: int = 0  # every decode step: keep this many newest rotated queries per layer
     keys_at_selection: bool = False  # at selection: the cached keys (and the score function over them)
 
+    def union(self, other: "ScoreNeeds") -> "ScoreNeeds":
+        """What a batch mixing both policies must compute."""
+        return ScoreNeeds(
+            attention=self.attention or other.attention,
+            sparsity=self.sparsity or other.sparsity,
+            query_window=max(self.query_window, other.query_window),
+            keys_at_selection=self.keys_at_selection or other.keys_at_selection,
+        )
+
+
+SPARSITY_THRESHOLD = 0.01  # an entry counts as unattended below 1 % of its row's largest probability (ThinKV)
+
 
 @dataclass
 class StepScores:
@@ -66,10 +78,11 @@ class SelectionContext(Protocol):
 
 @dataclass
 class QuantizeOrder:
-    """Replace entries by their `bits`-bit quantized values (keys per channel, values per token, groups of 16)."""
+    """Replace entries by their `bits`-bit quantized values (keys per channel, values per token, in groups)."""
 
     entries: torch.Tensor  # [L, H, m] slot indices
     bits: int
+    group: int = 16  # entries (keys) or channels (values) sharing one scale
 
 
 @dataclass

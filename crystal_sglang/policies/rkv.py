@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from crystal_sglang.config import ConfigError
+from crystal_sglang.config import MAX_ENTRIES, ConfigError
 from crystal_sglang.policies.base import EvictionPolicy, PolicyState, ScoreNeeds, SelectionInput, StepScores
 
 
@@ -24,8 +24,8 @@ class SnapKVParams:
     pool_kernel: int = 7
 
     def validate(self) -> None:
-        if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
-            raise ConfigError(f"pool_kernel={self.pool_kernel} must be a positive odd number")
+        if not 1 <= self.pool_kernel <= MAX_ENTRIES or self.pool_kernel % 2 == 0:
+            raise ConfigError(f"pool_kernel={self.pool_kernel} must be a positive odd number up to {MAX_ENTRIES}")
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class SnapKV(EvictionPolicy):
             return result
         context = selection.context
         importance = context.attention(state.extra["queries"], older, mode="max_logit")[..., :older]
-        kernel = self.params.pool_kernel
+        kernel = min(self.params.pool_kernel, 2 * older + 1)  # any wider window already spans every entry
         importance = F.max_pool1d(importance.reshape(layers * heads, 1, older).float(), kernel, 1, kernel // 2)
         score = self.lam * importance.reshape(layers, heads, older).to(torch.float64)
         if self.lam < 1.0:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from crystal_sglang.config import ConfigError
+from crystal_sglang.config import MAX_ENTRIES, ConfigError
 from crystal_sglang.policies.base import (
     Decision,
     EvictionPolicy,
@@ -40,6 +40,7 @@ from crystal_sglang.policies.base import (
 TRANSITION, EXECUTION, REASONING = 0, 1, 2  # ascending importance
 KIND_NAMES = {TRANSITION: "transition", EXECUTION: "execution", REASONING: "reasoning"}
 CALIBRATION_RESOURCE = "thinkv_calibration.json"
+MAX_KMEANS_ITERATIONS = 1000
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,12 @@ class ThinKVParams:
         for name in ("bits_reasoning", "bits_execution", "bits_transition"):
             if not 1 <= getattr(self, name) <= 16:
                 raise ConfigError(f"{name}={getattr(self, name)} must lie in [1, 16] (16 keeps full precision)")
-        if self.group < 1 or self.kmeans_iterations < 0:
-            raise ConfigError("group must be at least 1 and kmeans_iterations not negative")
+        for name in ("segment", "floor", "group"):
+            if getattr(self, name) > MAX_ENTRIES:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at most {MAX_ENTRIES}")
+        if self.group < 1 or not 0 <= self.kmeans_iterations <= MAX_KMEANS_ITERATIONS:
+            raise ConfigError(f"group must be at least 1 and kmeans_iterations in [0, {MAX_KMEANS_ITERATIONS}]")
+        load_calibration(self.calibration)  # a missing thresholds file is a bad setting: report it up front
 
 
 @dataclass(frozen=True)
@@ -175,7 +180,8 @@ class ThinKV(EvictionPolicy):
             member = self._members(selection, segment)
             count = int(member.sum(-1).min())
             entries = torch.sort(member.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :count]
-            orders.append(QuantizeOrder(entries=torch.sort(entries, -1).values, bits=bits[segment["kind"]]))
+            orders.append(QuantizeOrder(entries=torch.sort(entries, -1).values, bits=bits[segment["kind"]],
+                                        group=self.params.group))  # fmt: skip
         state.extra["to_quantize"] = []
         return orders
 

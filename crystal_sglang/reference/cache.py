@@ -8,13 +8,17 @@ the policies the scores of the torch reference kernel (the code SGLang runs on C
 last layer lets every row's evictor decide and applies the decision to the stored tensors.
 
 Positions stay logical: `get_seq_length()` reports tokens seen, not entries held, so transformers' `generate()`
-rotates every new token at its true position.
+rotates every new token at its true position. Rows of different prompt lengths cannot go through `generate()`
+(it reads the first token's logits at the padding of the short rows and restarts their positions): drive them with
+a decode loop that reads each row's logits at its own last prompt token and passes `position_ids`
+(`prefill_position_ids()`, then each row's token count). Attention refuses any rotation that is not logical.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -24,12 +28,11 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from crystal_sglang.config import EvictionSpec
 from crystal_sglang.eviction import PER_HEAD, SHARED_SLOTS, RequestEvictor
-from crystal_sglang.policies.base import CacheShape, Decision, ScoreNeeds, StepScores
+from crystal_sglang.policies.base import SPARSITY_THRESHOLD, CacheShape, Decision, ScoreNeeds, StepScores
 from crystal_sglang.quantization import fake_quantize_keys, fake_quantize_values
-from crystal_sglang.kernels import score_reference
+from crystal_sglang.kernels.score_reference import score_reference
 
 ATTENTION_NAME = "crystal_kv"
-SPARSITY_THRESHOLD = 0.01
 _active_cache: contextvars.ContextVar["EvictingCache | None"] = contextvars.ContextVar("crystal_kv_cache", default=None)
 
 
@@ -118,7 +121,7 @@ class EvictingCache(Cache):
             for row in rows
         ]  # fmt: skip
         self.entries = [0] * len(rows)  # physical entries per row (the largest over its heads)
-        self.needs = _union_needs([evictor.policy.needs for evictor in self.evictors])
+        self.needs = functools.reduce(ScoreNeeds.union, [evictor.policy.needs for evictor in self.evictors], ScoreNeeds())
         self._step: dict[str, list] = {}
         self.decisions: list[list[Decision]] = [[] for _ in rows]
 
@@ -161,11 +164,38 @@ class EvictingCache(Cache):
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         return self.layers[layer_idx].get_mask_sizes(query_length)
 
+    def prefill_position_ids(self) -> torch.Tensor:
+        """[B, longest prompt] position ids of the prefill: a row's tokens at 0..len-1, its padding at len-1 (so that
+        `last + 1` continues every row at its true position)."""
+        lengths = torch.tensor([row.prompt_length for row in self.rows])
+        return torch.minimum(torch.arange(int(lengths.max())).view(1, -1), (lengths - 1).view(-1, 1))
+
+    def _check_positions(self, position_ids: torch.Tensor | None, q_len: int) -> None:
+        """Refuse to attend with rotary positions that are not the rows' logical positions."""
+        if position_ids is None:
+            return
+        position_ids = position_ids.expand(len(self.rows), -1).cpu()
+        for row, evictor in enumerate(self.evictors):
+            if q_len > 1:
+                length = self.rows[row].prompt_length
+                expected, got = torch.arange(length), position_ids[row, :length]
+            else:
+                expected, got = torch.tensor([evictor.length]), position_ids[row, -1:]
+            if not torch.equal(got, expected):
+                token = int((got != expected).nonzero()[0])
+                raise ValueError(
+                    f"row {row}: token {int(expected[0]) + token} is rotated at position {int(got[token])}: rotate "
+                    "every row at its own positions (prefill_position_ids() for the prefill, then each row's token "
+                    "count)"
+                )
+
     # ---- attention and the end of a step ------------------------------------------------------------------------
-    def attend(self, module, query, key, value, scaling) -> torch.Tensor:
+    def attend(self, module, query, key, value, scaling, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         layer_idx = module.layer_idx
         layer = self.layers[layer_idx]
         batch, q_heads, q_len, dim = query.shape
+        if layer_idx == 0:
+            self._check_positions(position_ids, q_len)
         group = q_heads // key.shape[1]
         k = key.repeat_interleave(group, dim=1)
         v = value.repeat_interleave(group, dim=1)
@@ -176,8 +206,11 @@ class EvictingCache(Cache):
             if layer_idx == self.shape.layers - 1:
                 self._finish_prefill()
             return output.transpose(1, 2)
-        mask = layer.valid.repeat_interleave(group, dim=1)[:, :, None, :]
-        output = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
+        # Only the slots in use (this step's entry sits at slot `entries[row]`): the unused capacity past them would
+        # change the kernel's summation and break bit-identity with the full cache.
+        used = max(self.entries) + 1
+        mask = layer.valid[:, :, :used].repeat_interleave(group, dim=1)[:, :, None, :]
+        output = F.scaled_dot_product_attention(query, k[:, :, :used], v[:, :, :used], attn_mask=mask, scale=scaling)
         self._record_step(layer_idx, query[:, :, 0], layer)
         if layer_idx == self.shape.layers - 1:
             self._finish_step()
@@ -236,8 +269,9 @@ class EvictingCache(Cache):
             for l, layer in enumerate(self.layers):
                 index = order.entries[l]  # [H, m]
                 heads = torch.arange(index.shape[0]).unsqueeze(-1)
-                layer.keys[row, heads, index] = fake_quantize_keys(layer.keys[row, heads, index], order.bits)
-                layer.values[row, heads, index] = fake_quantize_values(layer.values[row, heads, index], order.bits)
+                keys, values = layer.keys[row, heads, index], layer.values[row, heads, index]
+                layer.keys[row, heads, index] = fake_quantize_keys(keys, order.bits, order.group)
+                layer.values[row, heads, index] = fake_quantize_values(values, order.bits, order.group)
         if decision.keep is None:
             return
         k = decision.keep.shape[-1]
@@ -258,20 +292,11 @@ def _reallocates(spec: EvictionSpec) -> bool:
     return policy_class(spec.policy).reallocates
 
 
-def _union_needs(all_needs: list[ScoreNeeds]) -> ScoreNeeds:
-    return ScoreNeeds(
-        attention=any(n.attention for n in all_needs),
-        sparsity=any(n.sparsity for n in all_needs),
-        query_window=max((n.query_window for n in all_needs), default=0),
-        keys_at_selection=any(n.keys_at_selection for n in all_needs),
-    )
-
-
 def crystal_kv_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     cache = _active_cache.get()
     if cache is None:
         raise RuntimeError("crystal_kv attention runs only with an EvictingCache as past_key_values")
-    return cache.attend(module, query, key, value, scaling), None
+    return cache.attend(module, query, key, value, scaling, kwargs.get("position_ids")), None
 
 
 AttentionInterface.register(ATTENTION_NAME, crystal_kv_attention)

@@ -1,0 +1,524 @@
+"""The eviction policies, one by one and through the per-request evictor.
+
+Every policy of the registry: protected entries (prompt when protected, sinks, the recent window, everything from
+the end-of-think marker on) are never evicted; after a decision each (layer, KV head) holds at most its effective
+budget; a budget covering the whole request evicts nothing. Then each policy's own promise on scripted inputs:
+LRFU's limits (LRU at lam -> 0, LFU at lam -> 1), R-KV's newest-duplicate rule, SnapKV/H2O's highest scores,
+StreamingLLM's sinks + recent, random's seeding, ThinKV's segments, and the property run over random streams.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from crystal_sglang.config import ConfigError
+from crystal_sglang.eviction import PER_HEAD, SHARED_SLOTS
+from crystal_sglang.policies import POLICIES, POLICY_NAMES, create_policy, policy_class
+from crystal_sglang.policies.base import CacheShape, SelectionInput, StepScores
+from crystal_sglang.policies.lrfu import nucleus
+from crystal_sglang.policies.rkv import redundancy
+from crystal_sglang.policies.thinkv import EXECUTION, REASONING, TRANSITION, Calibration, kmeans_survivors
+from tests.policy_helpers import (
+    EXECUTION_SPARSITY,
+    NO_TRANSITION,
+    REASONING_SPARSITY,
+    SHAPE,
+    SMALL_SEGMENTS,
+    TRANSITION_SPARSITY,
+    KeyTable,
+    Snapshot,
+    check_any_decision,
+    check_bookkeeping,
+    check_decision,
+    drive,
+    kept_positions,
+    make_evictor,
+    make_test_spec,
+    one_hot_attention,
+    torch_threads,
+    write_calibration,
+)
+
+SCORED = ["crystal", "crystal-lite", "h2o", "streamingllm", "snapkv", "rkv"]  # priority() is a pure function
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory) -> str:
+    return write_calibration(tmp_path_factory.mktemp("thinkv"))
+
+
+@pytest.fixture(scope="module")
+def calm_calibration(tmp_path_factory) -> str:
+    return write_calibration(tmp_path_factory.mktemp("thinkv_calm"), NO_TRANSITION)
+
+
+def test_registry_lists_every_policy():
+    assert set(POLICY_NAMES) == {"crystal", "crystal-lite", "rkv", "thinkv", "snapkv", "h2o", "streamingllm",
+                                 "random", "none"}  # fmt: skip
+    for name, policy in POLICIES.items():
+        assert policy.name == name
+
+
+def test_unknown_policy_names_the_choices():
+    with pytest.raises(ConfigError, match="unknown eviction policy 'lru'.*crystal.*none"):
+        policy_class("lru")
+
+
+# ---- invariants of every policy ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+@pytest.mark.parametrize("protect_prompt", [True, False])
+def test_protected_entries_survive_a_long_stream(policy, protect_prompt, calibration):
+    prompt, steps, think_end = 6, 70, 40
+    spec = make_test_spec(policy, 14, calibration, sinks=2, window=3, buffer=2, protect_prompt=protect_prompt,
+                          **(SMALL_SEGMENTS if policy == "thinkv" else {}))  # fmt: skip
+    evictor = make_evictor(spec, prompt, prompt + steps)
+
+    def check(evictor, before, decision):
+        check_any_decision(evictor, before, decision)
+        for layer in range(SHAPE.layers):
+            for head in range(SHAPE.kv_heads):
+                kept = set(kept_positions(evictor, layer, head))
+                assert set(range(prompt if protect_prompt else 2)) <= kept  # the prompt, or the sinks
+                assert set(range(evictor.length - 3, evictor.length)) <= kept  # the window
+                if evictor.think_end is not None:
+                    assert set(range(evictor.think_end, evictor.length)) <= kept
+
+    drive(evictor, steps, torch.Generator().manual_seed(1), think_end_step=think_end - prompt, on_decision=check)
+    assert evictor.think_end == think_end
+    if POLICIES[policy].evicts:
+        assert evictor.stats.evictions > 0
+
+
+@pytest.mark.parametrize("policy", [name for name in POLICY_NAMES if name != "thinkv"])
+@pytest.mark.parametrize("layout", [SHARED_SLOTS, PER_HEAD])
+def test_every_decision_keeps_within_the_budget(policy, layout):
+    spec = make_test_spec(policy, 12, sinks=1, window=2, buffer=3, protect_prompt=False)
+    evictor = make_evictor(spec, 5, 65, layout=layout, realloc_period=8)
+
+    decisions = drive(evictor, 60, torch.Generator().manual_seed(2), on_decision=check_any_decision)
+    assert bool(decisions) == POLICIES[policy].evicts
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+@pytest.mark.parametrize("protect_prompt", [False, True])
+def test_budget_covering_the_request_evicts_nothing(policy, protect_prompt, calm_calibration):
+    prompt, steps = 7, 50
+    spec = make_test_spec(policy, prompt + steps, calm_calibration, protect_prompt=protect_prompt, buffer=1,
+                          **(SMALL_SEGMENTS if policy == "thinkv" else {}))  # fmt: skip
+    evictor = make_evictor(spec, prompt, prompt + steps, layout=PER_HEAD if POLICIES[policy].reallocates else
+                           SHARED_SLOTS, realloc_period=4)  # fmt: skip
+    decisions = drive(evictor, steps, torch.Generator().manual_seed(3), on_decision=check_decision)
+    assert all(decision.keep is None for decision in decisions)
+    assert evictor.stats.evictions == 0
+    assert kept_positions(evictor) == list(range(prompt + steps))
+
+
+def test_ratio_budget_resolves_against_the_full_length():
+    evictor = make_evictor(make_test_spec("crystal-lite", "25%"), 10, 101)
+    assert evictor.budget == 26  # ceil(0.25 * 101)
+
+
+# ---- the property run ------------------------------------------------------------------------------------------------
+@st.composite
+def scenarios(draw, policy: str) -> dict:
+    sinks, window = draw(st.integers(0, 4)), draw(st.integers(0, 6))
+    prompt, steps = draw(st.integers(1, 16)), draw(st.integers(1, 48))
+    config = dict(sinks=sinks, window=window, buffer=draw(st.integers(1, 8)), protect_prompt=draw(st.booleans()),
+                  seed=draw(st.integers(0, 1000)))  # fmt: skip
+    if policy in ("crystal", "crystal-lite"):
+        config.update(top_p=draw(st.floats(0.05, 1.0)), lam=draw(st.sampled_from([0.0, 0.3, 0.6, 0.95, 1.0])))
+    elif policy in ("rkv", "snapkv"):
+        config["pool_kernel"] = draw(st.sampled_from([1, 3, 7]))
+        if policy == "rkv":
+            config.update(lam=draw(st.floats(0.0, 1.0)), similarity_threshold=draw(st.floats(-1.0, 1.0)))
+    elif policy == "thinkv":
+        config["floor"] = draw(st.integers(1, 3))
+        config["segment"] = draw(st.sampled_from([2 * config["floor"], 8, 16, 128]))
+    return dict(
+        budget=draw(st.integers(sinks + window + 1, 40)),
+        prompt=prompt,
+        steps=steps,
+        config=config,
+        layout=draw(st.sampled_from([SHARED_SLOTS, PER_HEAD])),
+        realloc_period=draw(st.integers(2, 24)),
+        think_end_step=draw(st.none() | st.integers(0, steps)),
+        prefill_chunks=draw(st.integers(1, 3)),
+        new_budget=draw(st.none() | st.tuples(st.integers(0, steps), st.integers(1, 40))),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_streams_keep_every_invariant(policy, data, calibration):
+    scenario = data.draw(scenarios(policy))
+    spec = make_test_spec(policy, scenario["budget"], calibration, **scenario["config"])
+    prompt, steps = scenario["prompt"], scenario["steps"]
+    evictor = make_evictor(spec, prompt, prompt + steps, layout=scenario["layout"],
+                           realloc_period=scenario["realloc_period"])  # fmt: skip
+    new_budget = scenario["new_budget"]
+
+    def check(evictor, before, decision):
+        check_any_decision(evictor, before, decision)
+        if new_budget is not None and evictor.length - prompt == new_budget[0]:
+            evictor.set_budget(new_budget[1])
+
+    drive(evictor, steps, torch.Generator().manual_seed(scenario["seed"]), think_end_step=scenario["think_end_step"],
+          prefill_chunks=scenario["prefill_chunks"], on_decision=check)  # fmt: skip
+    check_bookkeeping(evictor)
+    if not POLICIES[policy].evicts:
+        assert evictor.entries == prompt + steps
+
+
+@pytest.mark.parametrize("policy", SCORED)
+def test_kept_entries_outrank_the_evicted(policy):
+    """Per head, every kept unprotected entry has at least the priority of every evicted one."""
+    spec = make_test_spec(policy, 10, sinks=1, window=2, buffer=3, protect_prompt=False)
+    evictor = make_evictor(spec, 4, 64, layout=PER_HEAD if POLICIES[policy].reallocates else SHARED_SLOTS,
+                           realloc_period=8)  # fmt: skip
+    remembered = {}
+
+    def remember(evictor, context):
+        before = Snapshot.of(evictor)
+        if before.due:
+            selection = SelectionInput(before.effective_budgets, before.protected, before.valid, before.positions,
+                                       evictor.length - 1, context)  # fmt: skip
+            remembered["before"] = (before, evictor.policy.priority(evictor.state, selection))
+
+    def check(evictor, before, decision):
+        if decision is None or decision.keep is None:
+            return
+        snapshot, priority = remembered.pop("before")
+        for layer in range(SHAPE.layers):
+            for head in range(SHAPE.kv_heads):
+                kept = set(kept_positions(evictor, layer, head))
+                candidates = snapshot.valid[layer, head] & ~snapshot.protected[layer, head]
+                positions = snapshot.positions[layer, head][candidates].tolist()
+                values = priority[layer, head][candidates].tolist()
+                kept_values = [v for p, v in zip(positions, values) if p in kept]
+                evicted_values = [v for p, v in zip(positions, values) if p not in kept]
+                if kept_values and evicted_values:
+                    assert min(kept_values) >= max(evicted_values)
+
+    assert drive(evictor, 50, torch.Generator().manual_seed(4), before_decision=remember, on_decision=check)
+
+
+# ---- Crystal-KV: LRFU ------------------------------------------------------------------------------------------------
+# Prompt A=0, B=1, C=2; decode steps append D..H = 3..7 and hit: A at steps 3, 4, 5 (frequent, then idle), B at 6,
+# C at 7. With budget 4 (window 1 keeps H) the eviction at step 7 keeps three of A..G.
+LRU_KEEPS = [1, 2, 6, 7]  # C (hit 7), then B and G (both last used at 6)
+LFU_KEEPS = [0, 1, 2, 7]  # A (4 uses), then B and C (2 uses each)
+
+
+@pytest.mark.parametrize("policy", ["crystal", "crystal-lite"])
+@pytest.mark.parametrize("lam, expected", [(0.0, LRU_KEEPS), (1e-6, LRU_KEEPS), (1.0, LFU_KEEPS),
+                                           (1 - 1e-6, LFU_KEEPS)])  # fmt: skip
+def test_lrfu_limits_are_lru_and_lfu(policy, lam, expected):
+    spec = make_test_spec(policy, 4, lam=lam, top_p=0.9, sinks=0, window=1, buffer=3, protect_prompt=False)
+    evictor = make_evictor(spec, 3, 8)
+    evictor.append(3)
+    for step, hit in {3: 0, 4: 0, 5: 0, 6: 1, 7: 2}.items():
+        evictor.append(1)
+        evictor.observe(one_hot_attention(evictor, hit))
+        decision = evictor.decide()
+        assert (decision is not None) == (step == 7)
+    for layer in range(SHAPE.layers):
+        for head in range(SHAPE.kv_heads):
+            assert kept_positions(evictor, layer, head) == expected
+
+
+def test_lrfu_hit_decays_then_rewards():
+    spec = make_test_spec("crystal-lite", 64, lam=0.5, top_p=0.9)
+    evictor = make_evictor(spec, 2, 10)
+    evictor.append(2)  # created at step 1 with crf 1
+    for hit in (0, None, 0):  # steps 2, 3, 4
+        evictor.append(1)
+        evictor.observe(one_hot_attention(evictor, hit))
+    crf, tau = evictor.state.entries["crf"][0, 0], evictor.state.entries["tau"][0, 0]
+    assert tau.tolist() == [4, 1, 2, 3, 4]
+    # entry 0: step 2: 0.5**1 * 1 + 1 = 1.5; step 4: 0.5**2 * 1.5 + 1 = 1.375
+    assert crf.tolist() == [1.375, 1.0, 1.0, 1.0, 1.0]
+    worth = evictor.policy.worth(evictor.state, 5)[0, 0]
+    assert worth.tolist() == pytest.approx([0.6875, 0.0625, 0.125, 0.25, 0.5])
+
+
+def test_nucleus_is_the_smallest_set_reaching_top_p():
+    probs = torch.tensor([[0.0625, 0.5, 0.25, 0.1875, 0.0]])
+    assert nucleus(probs, 0.5).tolist() == [[False, True, False, False, False]]
+    assert nucleus(probs, 0.75).tolist() == [[False, True, True, False, False]]
+    assert nucleus(probs, 0.76).tolist() == [[False, True, True, True, False]]
+    assert nucleus(probs, 1.0).tolist() == [[True, True, True, True, False]]  # never a zero-attention entry
+
+
+def test_crystal_reallocates_per_head_budgets():
+    spec = make_test_spec("crystal", 12, sinks=1, window=2, buffer=2, protect_prompt=False)
+    evictor = make_evictor(spec, 4, 64, layout=PER_HEAD, realloc_period=8)
+
+    def check(evictor, before, decision):
+        if decision is not None:
+            assert int(evictor.head_budgets.sum()) == 12 * SHAPE.layers * SHAPE.kv_heads
+            assert bool((evictor.head_budgets >= 3).all())  # floor: max(protected 3, 0.25 * 12)
+
+    drive(evictor, 60, torch.Generator().manual_seed(5), on_decision=check)
+    assert evictor.stats.reallocations > 0
+    assert len(set(evictor.head_budgets.flatten().tolist())) > 1, "random scores should unbalance the heads"
+
+
+# ---- R-KV and SnapKV -------------------------------------------------------------------------------------------------
+ONE_HEAD = CacheShape(layers=1, kv_heads=1, group=1, head_dim=16)
+
+
+def unit(index: int, dim: int = 16) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(index), dim).to(torch.float32)
+
+
+def select_once(policy_name: str, keys: torch.Tensor, query: torch.Tensor, budget: int, **config) -> list[int]:
+    """One selection over `keys` [n, 16] (positions 0..n-1, the newest protected as the window) after observing
+    `query` [16]; returns the kept positions."""
+    n = keys.shape[0]
+    spec = make_test_spec(policy_name, budget, sinks=0, window=1, protect_prompt=False, **config)
+    policy = create_policy(spec)
+    state = policy.new_state(ONE_HEAD)
+    valid = torch.ones((1, 1, n), dtype=torch.bool)
+    positions = torch.arange(n).view(1, 1, n)
+    policy.observe(state, StepScores(queries=query.view(1, 1, 16)), n - 1, valid)
+    context = KeyTable(SimpleNamespace(positions=positions), keys.view(1, 1, n, 16))
+    selection = SelectionInput(torch.tensor([[budget]]), positions == n - 1, valid, positions, n - 1, context)
+    decision = policy.select(state, selection)
+    return sorted(decision.keep[0, 0].tolist())
+
+
+def near_duplicate_keys(first: int, second: int, n: int = 9) -> torch.Tensor:
+    """Entries `first` and `second` share one key; every other key is e_i + e_0 / 2 (cosine 0.45 with it)."""
+    keys = [unit(i + 1) + 0.5 * unit(0) for i in range(n)]
+    keys[first] = keys[second] = unit(0)
+    return torch.stack(keys)
+
+
+@pytest.mark.parametrize("first, second", [(2, 5), (6, 7), (3, 4)])
+def test_rkv_drops_the_older_of_a_duplicated_pair(first, second):
+    keys = near_duplicate_keys(first, second)
+    kept = select_once("rkv", keys, torch.zeros(16), budget=8, pool_kernel=1)
+    assert first not in kept and second in kept
+    # Importance alone (SnapKV) sees uniform attention and drops the oldest entry instead.
+    assert select_once("snapkv", keys, torch.zeros(16), budget=8, pool_kernel=1) == list(range(1, 9))
+
+
+def test_redundancy_spares_the_newest_copy():
+    copy = unit(0)
+    keys = torch.stack([copy, unit(1), copy, unit(2), copy, unit(3)])
+    scores = redundancy(keys, 0.5)
+    assert scores[0] > scores[2] > scores[4]  # of three copies the older are the more redundant
+    assert bool((scores[[1, 3, 5]] < scores[2]).all())
+    assert torch.allclose(scores.sum(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "rkv"])
+def test_snapkv_keeps_the_most_attended(policy):
+    keys = torch.stack([unit(i) for i in range(9)])
+    query = 40.0 * (unit(2) + unit(5))
+    assert select_once(policy, keys, query, budget=3, pool_kernel=1, **({"lam": 1.0} if policy == "rkv" else {})) \
+        == [2, 5, 8]  # fmt: skip
+    # A max-pool of 3 spreads a hot entry's importance to its neighbours.
+    assert select_once("snapkv", keys, 40.0 * unit(2), budget=4, pool_kernel=3) == [1, 2, 3, 8]
+
+
+# ---- H2O, StreamingLLM, random, none -----------------------------------------------------------------------------
+def test_h2o_keeps_the_heavy_hitters():
+    spec = make_test_spec("h2o", 4, sinks=0, window=1, buffer=4, protect_prompt=False)
+    evictor = make_evictor(spec, 6, 9)
+    evictor.append(6)
+    for share in ({1: 0.5, 4: 0.5}, {4: 0.6, 0: 0.4}, {2: 0.3, 1: 0.2, 6: 0.5}):  # steps 6, 7, 8
+        evictor.append(1)
+        attention = torch.zeros(evictor.positions.shape)
+        for position, value in share.items():
+            attention[..., position] = value
+        evictor.observe(StepScores(attention=attention))
+        decision = evictor.decide()
+    assert decision is not None
+    assert kept_positions(evictor, 1, 1) == [1, 4, 6, 8]  # received 0.7, 1.1, 0.5 and the window
+
+
+def test_streamingllm_keeps_sinks_and_the_most_recent():
+    spec = make_test_spec("streamingllm", 8, sinks=2, window=3, buffer=2, protect_prompt=False)
+    evictor = make_evictor(spec, 5, 45)
+
+    def check(evictor, before, decision):
+        if decision is not None:
+            expected = [0, 1] + list(range(evictor.length - 6, evictor.length))
+            for layer in range(SHAPE.layers):
+                for head in range(SHAPE.kv_heads):
+                    assert kept_positions(evictor, layer, head) == expected
+
+    assert drive(evictor, 40, torch.Generator().manual_seed(6), on_decision=check)
+
+
+def run_random(seed: int) -> list[torch.Tensor]:
+    spec = make_test_spec("random", 16, sinks=0, window=2, buffer=2, protect_prompt=True, seed=seed)
+    evictor = make_evictor(spec, 10, 50)
+    trace = []
+
+    def check(evictor, before, decision):
+        if decision is not None:
+            for layer in range(SHAPE.layers):
+                for head in range(SHAPE.kv_heads):
+                    assert set(range(10)) <= set(kept_positions(evictor, layer, head))
+            trace.append(evictor.positions.clone())
+
+    drive(evictor, 40, torch.Generator().manual_seed(7), on_decision=check)
+    return trace
+
+
+def test_random_keeps_the_prompt_and_is_reproducible():
+    first, again = run_random(0), run_random(0)
+    assert first and len(first) == len(again)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    others = [run_random(seed) for seed in (1, 2, 3)]
+    assert any(not torch.equal(first[-1], other[-1]) for other in others)
+
+
+def test_none_never_evicts():
+    spec = make_test_spec("none", 5, sinks=0, window=1, buffer=1)
+    evictor = make_evictor(spec, 3, 40)
+    assert drive(evictor, 37, torch.Generator().manual_seed(8)) == []
+    assert kept_positions(evictor) == list(range(40))
+
+
+# ---- ThinKV ----------------------------------------------------------------------------------------------------------
+THINKV_CONFIG = dict(segment=8, floor=2, bits_reasoning=4, bits_execution=3, bits_transition=2, group=8, sinks=0,
+                     window=2, buffer=1, protect_prompt=True)  # fmt: skip
+SPARSITY = {REASONING: REASONING_SPARSITY, EXECUTION: EXECUTION_SPARSITY, TRANSITION: TRANSITION_SPARSITY}
+
+
+def think(evictor, kinds: list[int], steps_each: int = 8, seed: int = 9):
+    """Decode `steps_each` tokens per thought type in `kinds`; returns the decisions of each stretch."""
+    generator = torch.Generator().manual_seed(seed)
+    return [drive(evictor, steps_each, generator, sparsity=SPARSITY[kind], on_decision=check_any_decision)
+            for kind in kinds]  # fmt: skip
+
+
+def segment_counts(evictor, bounds: list[tuple[int, int]]) -> list[set[int]]:
+    """Per segment, the set of per-head counts of entries held inside it."""
+    return [{sum(start <= p < end for p in kept_positions(evictor, layer, head))
+             for layer in range(SHAPE.layers) for head in range(SHAPE.kv_heads)} for start, end in bounds]  # fmt: skip
+
+
+def test_thinkv_without_thresholds_says_how_to_calibrate(tmp_path):
+    with pytest.raises(ConfigError, match="calibrate-thinkv"):
+        make_test_spec("thinkv", 64, calibration=str(tmp_path / "missing.json"))
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"layers": [0]}')
+    with pytest.raises(ConfigError, match="thresholds"):
+        make_test_spec("thinkv", 64, calibration=str(broken))
+
+
+def test_thinkv_classifies_by_sparsity():
+    calibration = Calibration(layers=(0,), thresholds=(0.3, 0.6))
+    assert calibration.classify(0.0) == EXECUTION
+    assert calibration.classify(0.3) == REASONING
+    assert calibration.classify(0.59) == REASONING
+    assert calibration.classify(0.6) == TRANSITION
+
+
+def test_thinkv_quantizes_each_closed_segment_by_its_type(calibration):
+    evictor = make_evictor(make_test_spec("thinkv", 200, calibration, **THINKV_CONFIG), 4, 40)
+    reasoning, execution = think(evictor, [REASONING, EXECUTION])
+    for decisions, bits, start in ((reasoning, 4, 4), (execution, 3, 12)):
+        assert len(decisions) == 1 and decisions[0].keep is None
+        (order,) = decisions[0].quantize
+        assert (order.bits, order.group) == (bits, 8)
+        assert order.entries.shape == (SHAPE.layers, SHAPE.kv_heads, 8)
+        assert bool((order.entries == torch.arange(start, start + 8)).all())  # no eviction yet: slot = position
+    assert [(s["start"], s["end"], s["kind"], s["level"]) for s in evictor.state.extra["segments"]] == [
+        (4, 12, REASONING, 8), (12, 20, EXECUTION, 8)]  # fmt: skip
+
+
+def test_thinkv_full_precision_type_is_not_quantized(calibration):
+    config = {**THINKV_CONFIG, "bits_reasoning": 16}
+    evictor = make_evictor(make_test_spec("thinkv", 200, calibration, **config), 4, 40)
+    (reasoning,) = think(evictor, [REASONING])
+    assert reasoning == []
+
+
+def test_thinkv_transition_demotes_every_earlier_segment_even_under_budget(calibration):
+    evictor = make_evictor(make_test_spec("thinkv", 200, calibration, **THINKV_CONFIG), 4, 40)
+    think(evictor, [REASONING, EXECUTION])
+    (transition,) = think(evictor, [TRANSITION])
+    (decision,) = transition
+    assert decision.keep is not None and decision.quantize[0].bits == 2
+    assert segment_counts(evictor, [(0, 4), (4, 12), (12, 20), (20, 28)]) == [{4}, {4}, {4}, {8}]
+    assert [s["level"] for s in evictor.state.extra["segments"]] == [4, 4, 8]
+    assert not evictor.policy.pending(evictor.state)
+
+
+def test_thinkv_first_segment_transition_demotes_nothing(calibration):
+    evictor = make_evictor(make_test_spec("thinkv", 200, calibration, **THINKV_CONFIG), 4, 40)
+    (transition,) = think(evictor, [TRANSITION])
+    assert [d.keep for d in transition] == [None]
+    assert not evictor.policy.pending(evictor.state)
+
+
+def test_thinkv_over_budget_demotes_the_least_important_first(calibration):
+    evictor = make_evictor(make_test_spec("thinkv", 24, calibration, **THINKV_CONFIG), 4, 40)
+    think(evictor, [REASONING, EXECUTION])
+    (stretch,) = think(evictor, [EXECUTION], steps_each=6)  # positions 20..25: held 26 > 24 + 1 at the last
+    assert [d.keep is not None for d in stretch] == [True]
+    assert segment_counts(evictor, [(4, 12), (12, 20)]) == [{8}, {4}]  # Execution goes first, though newer
+    assert int(evictor.valid.sum(-1).max()) <= 24
+
+
+def test_thinkv_small_budget_reaches_the_floor_and_merges(calibration):
+    evictor = make_evictor(make_test_spec("thinkv", 14, calibration, **{**THINKV_CONFIG, "protect_prompt": False}),
+                           2, 200)  # fmt: skip
+    stretches = think(evictor, [REASONING, EXECUTION, REASONING] * 8, seed=10)
+    assert any(d.keep is not None for stretch in stretches for d in stretch)
+    segments = evictor.state.extra["segments"]
+    assert len(segments) < 24, "floor segments should have merged"
+    assert segments[0]["level"] == 2
+    for layer in range(SHAPE.layers):
+        for head in range(SHAPE.kv_heads):
+            positions = kept_positions(evictor, layer, head)
+            for segment in segments:
+                assert sum(segment["start"] <= p < segment["end"] for p in positions) >= 2  # the floor
+
+
+def test_thinkv_never_demotes_the_answer(calibration):
+    evictor = make_evictor(make_test_spec("thinkv", 20, calibration, **THINKV_CONFIG), 4, 100)
+    think(evictor, [REASONING])
+    generator = torch.Generator().manual_seed(11)
+    drive(evictor, 2, generator, sparsity=REASONING_SPARSITY, think_end_step=0, on_decision=check_any_decision)
+    think_end = evictor.think_end
+    assert think_end == 12
+    think(evictor, [EXECUTION, TRANSITION, EXECUTION, EXECUTION])
+    for layer in range(SHAPE.layers):
+        for head in range(SHAPE.kv_heads):
+            assert set(range(think_end, evictor.length)) <= set(kept_positions(evictor, layer, head))
+
+
+def test_kmeans_survivors_are_the_keys_nearest_the_centroids():
+    # Two clusters of four along separate axes; within each, offsets whose mean (0.525) is nearest the 0.1 one.
+    offsets = torch.tensor([1.0, -1.0, 0.1, 2.0])
+    keys = torch.zeros(8, 4)
+    keys[:4, 0], keys[:4, 1] = 10.0, offsets
+    keys[4:, 2], keys[4:, 3] = 10.0, offsets.flip(0)
+    nobody = torch.zeros(1, 8, dtype=torch.bool)
+    chosen = kmeans_survivors(keys.unsqueeze(0), 2, nobody, iterations=8)
+    assert chosen[0].nonzero().flatten().tolist() == [2, 5]
+    must = nobody.clone()
+    must[0, 3] = True
+    chosen = kmeans_survivors(keys.unsqueeze(0), 3, must, iterations=8)
+    assert bool(chosen[0, 3]) and int(chosen.sum()) == 3
+    assert torch.equal(chosen, kmeans_survivors(keys.unsqueeze(0), 3, must, iterations=8))
+    assert torch.equal(kmeans_survivors(keys.unsqueeze(0), 1, must, iterations=8), must)  # already enough
