@@ -1,5 +1,5 @@
-"""Score extraction for the eviction policies: a Triton kernel and its torch reference (same inputs, same outputs)."""
+"""Score extraction for the eviction policies: a Triton kernel (`score_triton`) and its torch reference
+(`score_reference`), same inputs and outputs; `scores.extract_scores` picks the one that can run.
 
-from crystal_sglang.kernels.score_reference import MODES, score_reference
-
-__all__ = ["MODES", "score_reference"]
+Nothing is imported here: Triton chooses compiled or interpreted kernels when it is first imported, so it must
+not be imported before the caller has set `TRITON_INTERPRET`."""
