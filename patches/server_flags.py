@@ -18,6 +18,7 @@ from crystal_sglang.policies import POLICY_NAMES, make_spec
 
 SPEC_ATTRIBUTE = "_kv_evict_spec"
 DEFAULT_BUDGET = "256"
+_process_spec: EvictionSpec | None = None  # what this (launcher/HTTP) process parsed, for per-request checks
 
 
 def add_flags(result, parser: argparse.ArgumentParser) -> None:
@@ -77,8 +78,28 @@ def from_cli_args_with_flags(original, cls, namespace: argparse.Namespace):
     reason = refusal(server_args, spec)
     if reason:
         raise SystemExit(f"error: {reason}")
+    if spec.policy != "none":
+        _disable_step_fusion(server_args)
     setattr(server_args, SPEC_ATTRIBUTE, spec)
+    global _process_spec
+    _process_spec = spec
     return server_args
+
+
+def _disable_step_fusion(server_args) -> None:
+    """Eviction runs between decode steps on the CPU side and changes lengths: the overlap scheduler (which
+    prepares step t+1 before step t's results) and CUDA graphs (fixed shapes) must be off."""
+    import logging
+
+    for name in ("disable_overlap_schedule", "disable_cuda_graph"):
+        if not getattr(server_args, name):
+            setattr(server_args, name, True)
+            logging.getLogger("crystal_sglang").info("--kv-evict: set %s (needed by in-flight eviction)", name)
+
+
+def current_spec() -> EvictionSpec | None:
+    """The eviction spec parsed in this process (None when eviction is off)."""
+    return _process_spec if _process_spec is not None and _process_spec.policy != "none" else None
 
 
 def spec_of(server_args) -> EvictionSpec | None:

@@ -1,0 +1,124 @@
+"""The functions crystal-sglang wraps inside SGLang, each named by its exact target in `TARGETS`.
+
+Always registered (cheap no-ops without eviction): the scheduler's construction, which installs the runtime
+when the server was started with `--kv-evict` other than `none`, and the per-request parameter check.
+Registered only then: the runtime's hooks, so that a server without eviction runs stock SGLang code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOutputStreamer
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+from crystal_sglang.config import ConfigError
+from crystal_sglang.patches import server_flags
+from crystal_sglang.patches.runtime import REQUEST_KEYS, EvictionRuntime, request_spec
+
+_runtime: EvictionRuntime | None = None
+
+
+def scheduler_constructed(_result, scheduler, *args, **kwargs) -> None:
+    global _runtime
+    spec = server_flags.spec_of(scheduler.server_args)
+    if spec is None:
+        return
+    _runtime = EvictionRuntime(scheduler, spec)
+    SchedulerOutputStreamer.has_additional_customized_info = True
+    for target, (hook, kind) in RUNTIME_TARGETS.items():
+        HookRegistry.register(target, hook, kind)
+    HookRegistry.apply_hooks()
+
+
+def runtime() -> EvictionRuntime | None:
+    return _runtime
+
+
+def check_request(_result, sampling_params, *args, **kwargs) -> None:
+    """Refuse bad `custom_params` eviction overrides where SGLang checks sampling parameters (HTTP 400)."""
+    params = sampling_params.custom_params
+    if not isinstance(params, dict) or not any(str(key).startswith("kv_") for key in params):
+        return
+    spec = server_flags.current_spec()
+    if spec is None:
+        raise ValueError("custom_params kv_evict/kv_budget/kv_evict_config need a server started with "
+                         "--kv-evict NAME (this one runs without eviction)")
+    unknown = sorted(key for key in params if key.startswith("kv_") and key not in REQUEST_KEYS)
+    if unknown:
+        raise ValueError(f"unknown custom_params {', '.join(unknown)}; accepted: {', '.join(REQUEST_KEYS)}")
+    try:
+        request_spec(spec, params)
+    except ConfigError as error:
+        raise ValueError(f"custom_params: {error}") from None
+
+
+def score_after_attention(original, layer, q, k, v, forward_batch, *args, **kwargs):
+    output = original(layer, q, k, v, forward_batch, *args, **kwargs)
+    if forward_batch.forward_mode.is_decode():
+        _runtime.record_layer(layer.layer_id, q, forward_batch)
+    return output
+
+
+def logical_positions(forward_batch, _cls, batch, *args, **kwargs):
+    if forward_batch.forward_mode.is_decode():
+        offsets = _runtime.position_offsets(batch.reqs)
+        if offsets is not None:
+            positions = forward_batch.positions
+            forward_batch.positions = positions + torch.tensor(offsets, dtype=positions.dtype, device=positions.device)
+    return forward_batch
+
+
+def evict_after_step(_result, _scheduler, batch, *args, **kwargs) -> None:
+    if batch.forward_mode.is_decode():
+        _runtime.after_decode(batch)
+
+
+def forget_retracted(_result, req, *args, **kwargs) -> None:
+    _runtime.forget(req)
+
+
+def bounded_admission(admission, _adder, req, *args, **kwargs):
+    bound = _runtime.growth_bound(req)
+    if bound is None or not hasattr(admission, "max_new_tokens") or admission.max_new_tokens <= bound:
+        return admission
+    return dataclasses.replace(admission, max_new_tokens=bound)
+
+
+def bounded_running_offset(original, adder, req, *args, **kwargs):
+    reserved = original(adder, req, *args, **kwargs)
+    bound = _runtime.growth_bound(req)
+    return reserved if bound is None else min(reserved, bound)
+
+
+META_INFO_KEY = "kv_evict"
+
+
+def eviction_meta_info(_streamer, reqs, *args, **kwargs) -> dict[str, list]:
+    """Per emitted request: policy, budget, retained and evicted entries. SGLang accumulates these lists over a
+    request's emissions, so the response's `meta_info["kv_evict"][-1]` is the latest."""
+    infos = [_runtime.request_info(req) for req in reqs]
+    return {META_INFO_KEY: [[] if info is None else [info] for info in infos]}
+
+
+def eviction_info_is_per_request(_streamer, key, *args, **kwargs) -> bool:
+    return key == META_INFO_KEY
+
+
+TARGETS = {
+    "sglang.srt.managers.scheduler.Scheduler.__init__": (scheduler_constructed, HookType.AFTER),
+    "sglang.srt.sampling.sampling_params.SamplingParams.verify": (check_request, HookType.AFTER),
+}
+_ADDER = "sglang.srt.managers.schedule_policy.PrefillAdder"
+_STREAMER = "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer"
+RUNTIME_TARGETS = {
+    "sglang.srt.layers.radix_attention.RadixAttention.forward": (score_after_attention, HookType.AROUND),
+    "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new": (logical_positions, HookType.AFTER),
+    "sglang.srt.managers.scheduler.Scheduler.process_batch_result": (evict_after_step, HookType.AFTER),
+    "sglang.srt.managers.schedule_batch.Req.reset_for_retract": (forget_retracted, HookType.AFTER),
+    f"{_ADDER}._select_prefill_admission": (bounded_admission, HookType.AFTER),
+    f"{_ADDER}._get_running_request_total_token_offset": (bounded_running_offset, HookType.AROUND),
+    f"{_STREAMER}.build_additional_customized_info": (eviction_meta_info, HookType.REPLACE),
+    f"{_STREAMER}.is_request_level_customized_info_key": (eviction_info_is_per_request, HookType.REPLACE),
+}

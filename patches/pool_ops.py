@@ -1,0 +1,84 @@
+"""What an eviction decision does to SGLang's pools: one request's row, its KV slots, its lengths.
+
+A request's row `req_to_token[row, :n]` lists its n slots. After a decision keeping k entries per (layer, KV head),
+each head's kept entries are moved into the row's first k slots (heads may hold different tokens in the same
+slot), the slots at row positions [k, n) go back to the allocator, and the request's KV lengths become k. Slots
+below `cache_protected_len` belong to the prefix cache: they are protected, so they keep their place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from crystal_sglang.kernels.scores import extract_scores
+from crystal_sglang.policies.base import Decision
+from crystal_sglang.quantization import fake_quantize_keys, fake_quantize_values
+
+
+class PoolView:
+    """The scheduler's KV pool, request table and prefix cache, addressed by request."""
+
+    def __init__(self, kv_pool, req_to_token_pool, tree_cache):
+        self.kv_pool = kv_pool
+        self.req_to_token = req_to_token_pool.req_to_token
+        self.tree_cache = tree_cache
+        self.first_layer = getattr(kv_pool, "start_layer", 0) or 0
+        self.layers = kv_pool.layer_num
+
+    def buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        layer_id = self.first_layer + layer
+        return self.kv_pool.get_key_buffer(layer_id), self.kv_pool.get_value_buffer(layer_id)
+
+    def row_slots(self, req, n: int) -> torch.Tensor:
+        return self.req_to_token[req.kv.req_pool_idx, :n].to(torch.int64)
+
+    def apply(self, req, n: int, decision: Decision) -> int:
+        """Quantize and compact one request's row of n entries; returns the entries it holds afterwards."""
+        slots = self.row_slots(req, n)
+        for order in decision.quantize:
+            for layer in range(self.layers):
+                keys, values = self.buffers(layer)
+                chosen = slots[order.entries[layer].to(slots.device)]  # [H, m]
+                heads = torch.arange(chosen.shape[0], device=slots.device).unsqueeze(-1)
+                keys[chosen, heads] = fake_quantize_keys(keys[chosen, heads], order.bits, order.group).to(keys.dtype)
+                values[chosen, heads] = fake_quantize_values(values[chosen, heads], order.bits, order.group).to(values.dtype)
+        if decision.keep is None:
+            return n
+        keep = decision.keep.to(slots.device)
+        k = keep.shape[-1]
+        heads = torch.arange(keep.shape[1], device=slots.device).unsqueeze(-1)
+        for layer in range(self.layers):
+            source = slots[keep[layer]]  # [H, k]
+            for buffer in self.buffers(layer):
+                buffer[slots[:k]] = buffer[source, heads].transpose(0, 1)
+        if k < n:
+            self.tree_cache.free_kv_row(req.kv, [(k, n)])
+        return k
+
+
+class PoolSelectionContext:
+    """`SelectionContext` over one request's row in the pool (R-KV's redundancy, SnapKV's window scores)."""
+
+    def __init__(self, pool: PoolView, req, n: int):
+        self.pool, self.req, self.n = pool, req, n
+        self._keys = None
+
+    def keys(self) -> torch.Tensor:
+        if self._keys is None:
+            slots = self.pool.row_slots(self.req, self.n)
+            self._keys = torch.stack(
+                [self.pool.buffers(layer)[0][slots].transpose(0, 1) for layer in range(self.pool.layers)]
+            ).to(torch.float32)
+        return self._keys
+
+    def attention(self, queries: torch.Tensor, lengths, mode: str) -> torch.Tensor:
+        pool, req = self.pool, self.req
+        rows = torch.tensor([req.kv.req_pool_idx], device=pool.req_to_token.device)
+        length = torch.tensor([int(lengths)], device=pool.req_to_token.device)
+        per_layer = []
+        for layer in range(pool.layers):
+            keys, _ = pool.buffers(layer)
+            scores, _ = extract_scores(queries[layer].unsqueeze(0).to(keys.device), keys, pool.req_to_token, rows,
+                                       length, mode=mode)
+            per_layer.append(torch.nn.functional.pad(scores[0], (0, self.n - scores.shape[-1])))
+        return torch.stack(per_layer)

@@ -1,0 +1,248 @@
+"""In-flight eviction inside an SGLang scheduler process.
+
+Installed by `install` from the hook on `Scheduler.__init__` only when the server runs with `--kv-evict` other
+than `none`, so a server without eviction runs stock code. Per decode step:
+
+1. `RadixAttention.forward` (around): after each layer's attention, the layer's rotated decode queries are scored
+   against the pool by the score kernel (Triton on GPU, torch on CPU) and kept for the end of the step.
+2. `Scheduler.process_batch_result` (after): per running request, its evictor takes the step's scores and, when
+   the request is over budget + buffer, decides what to keep; `pool_ops` moves the kept entries, frees the rest
+   and the request's lengths and the batch's `seq_lens` shrink.
+3. `ForwardBatch.init_new` (after): decode positions become logical again (physical length + evicted count).
+
+`Req.reset_for_retract` (after) drops a retracted request's state (it is re-prefilled in full); finished and
+aborted requests drop theirs at the end of their last step. `PrefillAdder._select_prefill_admission` and
+`PrefillAdder._get_running_request_total_token_offset` count a bounded request at what it can grow to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from crystal_sglang.config import ConfigError, EvictionSpec, parse_budget
+from crystal_sglang.eviction import SHARED_SLOTS, RequestEvictor
+from crystal_sglang.kernels.scores import extract_scores
+from crystal_sglang.policies import make_spec, policy_class
+from crystal_sglang.policies.base import SPARSITY_THRESHOLD, CacheShape, ScoreNeeds, StepScores
+from crystal_sglang.patches.pool_ops import PoolSelectionContext, PoolView
+
+logger = logging.getLogger("crystal_sglang")
+
+REQUEST_KEYS = ("kv_evict", "kv_budget", "kv_evict_config")
+
+
+def request_spec(server_spec: EvictionSpec, custom_params: dict | None) -> EvictionSpec:
+    """The server's spec with a request's `custom_params` overrides (`kv_evict`, `kv_budget`, `kv_evict_config`)."""
+    params = custom_params or {}
+    if not any(key in params for key in REQUEST_KEYS):
+        return server_spec
+    policy = params.get("kv_evict", server_spec.policy)
+    if not isinstance(policy, str):
+        raise ConfigError(f"custom_params.kv_evict={policy!r} must be a policy name")
+    budget = parse_budget(params["kv_budget"]) if "kv_budget" in params else server_spec.budget
+    config = params.get("kv_evict_config")
+    if config is not None and not isinstance(config, (dict, str)):
+        raise ConfigError("custom_params.kv_evict_config must be a JSON object")
+    if config is None and policy == server_spec.policy:
+        config = _server_config(server_spec)
+    return make_spec(policy, budget, config)
+
+
+def _server_config(spec: EvictionSpec) -> dict:
+    config = dataclasses.asdict(spec.settings)
+    if spec.params is not None:
+        config.update(dataclasses.asdict(spec.params))
+    return config
+
+
+@dataclass
+class _Tracked:
+    evictor: RequestEvictor
+    tokens_seen: int = 0  # output tokens shown to the evictor (it watches for the end-of-think marker)
+
+    @property
+    def offset(self) -> int:
+        """Logical minus physical length: what decode positions must add back."""
+        return self.evictor.length - self.evictor.entries
+
+
+class EvictionRuntime:
+    """The scheduler's eviction state: one evictor per running request, and the step's scores."""
+
+    def __init__(self, scheduler, spec: EvictionSpec):
+        self.spec = spec
+        self.tokenizer = scheduler.tokenizer
+        kv_pool = scheduler.token_to_kv_pool_allocator.get_kvcache()
+        self.pool = PoolView(kv_pool, scheduler.req_to_token_pool, scheduler.tree_cache)
+        self.allocator = scheduler.token_to_kv_pool_allocator
+        config = scheduler.model_config
+        kv_heads = kv_pool.head_num
+        self.shape = CacheShape(
+            layers=kv_pool.layer_num, kv_heads=kv_heads, group=config.num_attention_heads // kv_heads,
+            head_dim=kv_pool.head_dim,
+        )  # fmt: skip
+        self.tracked: dict[str, _Tracked] = {}
+        self._layer_scores: dict[int, tuple] = {}
+        self._end_of_think: dict[str | None, tuple[int, ...]] = {}
+        self.evicted_total = 0
+        self.failed: set[str] = set()  # requests whose eviction raised: they continue without it
+        self.needs = ScoreNeeds(attention=True)
+        logger.info("crystal-sglang: in-flight KV eviction on: %s", spec.describe())
+
+    # ---- scores during the forward -------------------------------------------------------------------------------
+    def record_layer(self, layer_id: int, q: torch.Tensor, forward_batch) -> None:
+        batch = forward_batch.batch_size
+        queries = q.reshape(batch, 1, self.shape.q_heads, self.shape.head_dim)
+        keys = self.pool.kv_pool.get_key_buffer(layer_id)
+        needs = self.needs
+        scores = sparsity = None
+        if needs.attention or needs.sparsity:
+            scores, sparsity = extract_scores(
+                queries, keys, self.pool.req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens,
+                mode="mean", sparsity_threshold=SPARSITY_THRESHOLD if needs.sparsity else None,
+            )  # fmt: skip
+        self._layer_scores[layer_id - self.pool.first_layer] = (
+            scores, None if sparsity is None else sparsity[:, 0], queries[:, 0].float() if needs.query_window else None
+        )
+
+    # ---- between steps -------------------------------------------------------------------------------------------
+    def after_decode(self, batch) -> None:
+        step = [self._layer_scores.get(layer) for layer in range(self.shape.layers)]
+        self._layer_scores = {}
+        seq_lens = batch.seq_lens_cpu.tolist()
+        changed = False
+        for i, req in enumerate(batch.reqs):
+            if req.finished() or not req.kv.holds_kv:
+                self.forget(req)
+                continue
+            if req.rid in self.failed:
+                continue
+            try:
+                kept = self._step_request(req, i, seq_lens[i], step)
+            except Exception:  # one request's eviction must never take the server down
+                logger.exception("crystal-sglang: eviction failed for request %s; it continues unevicted", req.rid)
+                self.failed.add(req.rid)  # its position offset stays tracked
+                continue
+            if kept != seq_lens[i]:
+                seq_lens[i] = kept
+                changed = True
+        if changed:
+            lengths = torch.tensor(seq_lens, dtype=batch.seq_lens_cpu.dtype)
+            batch.seq_lens_cpu = lengths
+            batch.seq_lens = lengths.to(batch.seq_lens.device, batch.seq_lens.dtype)
+            batch.orig_seq_lens = lengths.to(batch.orig_seq_lens.device, batch.orig_seq_lens.dtype)
+            batch.seq_lens_sum = None
+
+    def _step_request(self, req, i: int, n: int, step: list) -> int:
+        """Feed one request its step and apply its decision; returns the entries its row holds afterwards."""
+        tracked = self.tracked.get(req.rid)
+        if tracked is None:
+            tracked = self.tracked[req.rid] = self._track(req)
+            tracked.evictor.append(n)
+        else:
+            tracked.evictor.append(1)
+        evictor = tracked.evictor
+        if evictor.entries != n:
+            raise RuntimeError(f"the evictor holds {evictor.entries} entries, the pool row {n}")
+        evictor.pinned = req.kv.cache_protected_len
+        scores = self._step_scores(step, evictor.policy.needs, i, n)
+        if scores is not None:
+            evictor.observe(scores)
+        self._show_tokens(req, tracked)
+        decision = evictor.decide(PoolSelectionContext(self.pool, req, n))
+        if decision is None:
+            return n
+        kept = self.pool.apply(req, n, decision)
+        freed = n - kept
+        if freed:
+            req.kv.kv_committed_len -= freed
+            req.kv.kv_allocated_len -= freed
+            req.skip_radix_cache_insert = True  # the row no longer matches the token sequence
+            self.evicted_total += freed
+        return kept
+
+    def _track(self, req) -> _Tracked:
+        spec = req_spec(req, self.spec)
+        prompt = len(req.origin_input_ids)
+        evictor = RequestEvictor(
+            spec, self.shape, prompt, prompt + req.sampling_params.max_new_tokens,
+            device=self.pool.req_to_token.device, layout=SHARED_SLOTS,
+            end_of_think_ids=self._marker_ids(spec.settings.end_of_think),
+        )  # fmt: skip
+        self.needs = self.needs.union(evictor.policy.needs)
+        return _Tracked(evictor, tokens_seen=0)
+
+    def _marker_ids(self, marker: str | None) -> tuple[int, ...]:
+        if marker not in self._end_of_think:
+            ids = ()
+            if marker and self.tokenizer is not None:
+                ids = tuple(self.tokenizer.encode(marker, add_special_tokens=False))
+            self._end_of_think[marker] = ids
+        return self._end_of_think[marker]
+
+    @staticmethod
+    def _step_scores(step: list, needs: ScoreNeeds, i: int, n: int) -> StepScores | None:
+        """Request i's slice of the step's scores; None when the step lacks what its policy needs (its first
+        step, when its policy widened what the batch computes)."""
+        if any(layer is None for layer in step):
+            return None
+        attention, sparsity, queries = zip(*step)
+        if (needs.attention and attention[0] is None) or (needs.sparsity and sparsity[0] is None) or (
+            needs.query_window and queries[0] is None
+        ):
+            return None
+        return StepScores(
+            attention=torch.stack([s[i, :, :n] for s in attention]).cpu() if attention[0] is not None else None,
+            sparsity=torch.stack([s[i] for s in sparsity]).cpu() if sparsity[0] is not None else None,
+            queries=torch.stack([q[i] for q in queries]).cpu() if queries[0] is not None else None,
+        )
+
+    def _show_tokens(self, req, tracked: _Tracked) -> None:
+        new = req.output_ids[tracked.tokens_seen:]
+        if new:
+            start = len(req.origin_input_ids) + tracked.tokens_seen
+            tracked.evictor.see_tokens(new, start)
+            tracked.tokens_seen = len(req.output_ids)
+
+    def request_info(self, req) -> dict | None:
+        """What the response's meta info reports for one request."""
+        tracked = self.tracked.get(req.rid)
+        if tracked is None:
+            return None
+        evictor = tracked.evictor
+        return {
+            "policy": evictor.spec.policy, "budget": evictor.budget, "retained": evictor.entries,
+            "evicted": evictor.length - evictor.entries, "evictions": evictor.stats.evictions,
+        }  # fmt: skip
+
+    def forget(self, req) -> None:
+        self.tracked.pop(req.rid, None)
+        self.failed.discard(req.rid)
+
+    def position_offsets(self, reqs) -> list[int] | None:
+        offsets = [self.tracked[req.rid].offset if req.rid in self.tracked else 0 for req in reqs]
+        return offsets if any(offsets) else None
+
+    def growth_bound(self, req) -> int | None:
+        """Entries this request can still add to the pool, or None when it is not bounded."""
+        spec = req_spec(req, self.spec)
+        if not policy_class(spec.policy).evicts:
+            return None
+        prompt = len(req.origin_input_ids)
+        budget = spec.budget.resolve(prompt + req.sampling_params.max_new_tokens)
+        protected = (prompt if spec.settings.protect_prompt else spec.settings.sinks) + spec.settings.window
+        ceiling = max(budget, protected) + spec.settings.buffer
+        return max(0, ceiling - req.kv.kv_committed_len if req.kv.holds_kv else ceiling - prompt)
+
+
+def req_spec(req, server_spec: EvictionSpec) -> EvictionSpec:
+    """The request's spec, cached on the request (validated already when the request was received)."""
+    spec = getattr(req, "_kv_evict_spec", None)
+    if spec is None:
+        spec = request_spec(server_spec, req.sampling_params.custom_params)
+        req._kv_evict_spec = spec
+    return spec

@@ -1,0 +1,149 @@
+"""In-flight eviction on the real SGLang CPU server (tiny offline model): exactness, bounded pool, freed slots."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from crystal_sglang.policies import POLICY_NAMES, make_spec
+from crystal_sglang.config import parse_budget
+from crystal_sglang.server import SGLangServer, ServerError
+from tests.conftest import cpu_server_args
+
+pytestmark = pytest.mark.server
+
+PROMPT_IDS = [1, 269, 326, 449, 118, 297, 43, 7, 2]
+NEW_TOKENS = 120
+SMALL_BUDGET = 24
+BUFFER = 16  # the default
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, server_log_dir):
+    args = cpu_server_args("--kv-evict", "crystal", "--kv-evict-budget", "32", "--disable-radix-cache",
+                           max_total_tokens=2048)
+    with SGLangServer(tiny_model_dir, args, log_path=server_log_dir / "eviction.log") as running:
+        yield running
+        assert used_tokens(running) == 0, "slots leaked: the pool did not return to empty"
+
+
+def used_tokens(server) -> int:
+    loads = server.get("/v1/loads")
+    return sum(entry["num_used_tokens"] for entry in loads["loads"])
+
+
+def generate(server, custom_params: dict | None = None, new_tokens: int = NEW_TOKENS, prompt=PROMPT_IDS) -> dict:
+    params = {"temperature": 0, "max_new_tokens": new_tokens, "ignore_eos": True}
+    if custom_params is not None:
+        params["custom_params"] = custom_params
+    return server.post("/generate", {"input_ids": prompt, "sampling_params": params})
+
+
+def reference_output(model_dir, policy: str, budget: int) -> list[int]:
+    """The transformers reference path under the same policy and budget (every head keeps the same count)."""
+    from transformers import AutoModelForCausalLM
+
+    from crystal_sglang.eviction import SHARED_SLOTS
+    from crystal_sglang.reference.cache import EvictingCache, RowRequest, evicting_attention
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    spec = make_spec(policy, parse_budget(budget))
+    prompt = torch.tensor([PROMPT_IDS])
+    cache = EvictingCache(model.config, [RowRequest(spec, len(PROMPT_IDS), len(PROMPT_IDS) + NEW_TOKENS,
+                                                    layout=SHARED_SLOTS)])
+    with evicting_attention(model), torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                             past_key_values=cache, pad_token_id=model.config.eos_token_id)
+    return out[0, len(PROMPT_IDS):].tolist()
+
+
+@pytest.fixture(scope="module")
+def full_cache_output(server):
+    return generate(server, {"kv_evict": "none"})["output_ids"]
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_budget_above_length_gives_the_full_cache_output(server, full_cache_output, policy):
+    reply = generate(server, {"kv_evict": policy, "kv_budget": 4096})
+    assert reply["output_ids"] == full_cache_output
+    assert reply["meta_info"]["kv_evict"][-1]["evicted"] == 0
+
+
+@pytest.mark.parametrize("policy", [p for p in POLICY_NAMES if p != "none"])
+def test_small_budget_bounds_the_pool_and_frees_every_slot(server, policy):
+    start = used_tokens(server)
+    peak, done = [start], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak.append(used_tokens(server))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        reply = generate(server, {"kv_evict": policy, "kv_budget": SMALL_BUDGET})
+    finally:
+        done.set()
+        watcher.join()
+    info = reply["meta_info"]["kv_evict"][-1]
+    assert info["evicted"] > 0 and info["retained"] <= SMALL_BUDGET + BUFFER
+    # Read from the pool: the request never held more than budget + buffer entries (+1 slot for the next token).
+    assert max(peak) - start <= SMALL_BUDGET + BUFFER + 1
+    assert used_tokens(server) == start
+
+
+@pytest.mark.parametrize("policy", ["crystal", "crystal-lite", "h2o", "streamingllm", "snapkv", "rkv"])
+def test_server_equals_the_reference_path(server, tiny_model_dir, policy):
+    reply = generate(server, {"kv_evict": policy, "kv_budget": SMALL_BUDGET})
+    assert reply["output_ids"] == reference_output(tiny_model_dir, policy, SMALL_BUDGET)
+
+
+def test_concurrent_requests_with_different_budgets_do_not_disturb_each_other(server):
+    settings = [{"kv_budget": 20}, {"kv_budget": 48}, {"kv_evict": "h2o", "kv_budget": 30}, {"kv_evict": "none"}]
+    alone = [generate(server, params)["output_ids"] for params in settings]
+    together: list = [None] * len(settings)
+
+    def run(index):
+        together[index] = generate(server, settings[index])["output_ids"]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(settings))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert together == alone
+
+
+@pytest.mark.parametrize(
+    ("custom_params", "message"),
+    [
+        ({"kv_evict": "lru"}, "unknown eviction policy 'lru'"),
+        ({"kv_budget": 0}, "budget 0 must be positive"),
+        ({"kv_budget": -3}, "budget -3 must be positive"),
+        ({"kv_budget": "lots"}, "is not a number"),
+        ({"kv_budget": 8}, "not above the protected window"),
+        ({"kv_budget": 10**12}, "above the largest supported"),
+        ({"kv_evict_config": {"lam": "high"}}, "has the wrong type"),
+        ({"kv_evict_config": {"nope": 1}}, "unknown eviction setting(s) nope"),
+        ({"kv_evict_config": [1, 2]}, "must be a JSON object"),
+        ({"kv_bduget": 64}, "unknown custom_params kv_bduget"),
+    ],
+)
+def test_bad_request_parameters_get_400_and_the_server_keeps_serving(server, custom_params, message):
+    with pytest.raises(ServerError) as refused:
+        generate(server, custom_params, new_tokens=4)
+    assert " 400: " in str(refused.value) and message in str(refused.value)
+    assert len(generate(server, new_tokens=4)["output_ids"]) == 4
+
+
+def test_openai_client_passes_custom_params(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none")
+    reply = client.completions.create(model="default", prompt="think step answer", max_tokens=40, temperature=0,
+                                      extra_body={"custom_params": {"kv_budget": 20}, "ignore_eos": True})
+    assert reply.usage.completion_tokens == 40
