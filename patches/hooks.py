@@ -75,6 +75,14 @@ def evict_after_step(_result, _scheduler, batch, *args, **kwargs) -> None:
         _runtime.after_decode(batch)
 
 
+def relieve_before_retracting(original, batch, *args, **kwargs):
+    """`check_decode_mem` says whether the next step fits; when it does not, tighten budgets and ask again."""
+    fits = original(batch, *args, **kwargs)
+    if not fits and _runtime.relieve_pressure(batch):
+        fits = original(batch, *args, **kwargs)
+    return fits
+
+
 def forget_retracted(_result, req, *args, **kwargs) -> None:
     _runtime.forget(req)
 
@@ -84,6 +92,19 @@ def bounded_admission(admission, _adder, req, *args, **kwargs):
     if bound is None or not hasattr(admission, "max_new_tokens") or admission.max_new_tokens <= bound:
         return admission
     return dataclasses.replace(admission, max_new_tokens=bound)
+
+
+def admit_bounded_by_budget(original, adder, req, *args, **kwargs):
+    """SGLang admits `ignore_eos` requests by their full `max_new_tokens`; an evicting request's KV is bounded by
+    its budget, so it takes the general admission path, where `bounded_admission` counts it at its bound."""
+    params = req.sampling_params
+    if not params.ignore_eos or _runtime.growth_bound(req) is None:
+        return original(adder, req, *args, **kwargs)
+    params.ignore_eos = False
+    try:
+        return original(adder, req, *args, **kwargs)
+    finally:
+        params.ignore_eos = True
 
 
 def bounded_running_offset(original, adder, req, *args, **kwargs):
@@ -117,6 +138,8 @@ RUNTIME_TARGETS = {
     "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new": (logical_positions, HookType.AFTER),
     "sglang.srt.managers.scheduler.Scheduler.process_batch_result": (evict_after_step, HookType.AFTER),
     "sglang.srt.managers.schedule_batch.Req.reset_for_retract": (forget_retracted, HookType.AFTER),
+    "sglang.srt.managers.schedule_batch.ScheduleBatch.check_decode_mem": (relieve_before_retracting, HookType.AROUND),
+    f"{_ADDER}.add_one_req": (admit_bounded_by_budget, HookType.AROUND),
     f"{_ADDER}._select_prefill_admission": (bounded_admission, HookType.AFTER),
     f"{_ADDER}._get_running_request_total_token_offset": (bounded_running_offset, HookType.AROUND),
     f"{_STREAMER}.build_additional_customized_info": (eviction_meta_info, HookType.REPLACE),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ from crystal_sglang.patches.pool_ops import PoolSelectionContext, PoolView
 logger = logging.getLogger("crystal_sglang")
 
 REQUEST_KEYS = ("kv_evict", "kv_budget", "kv_evict_config")
+DEBUG_ENV = "CRYSTAL_KV_EVICT_DEBUG"  # "1": check rows against the allocator after every eviction step
 
 
 def request_spec(server_spec: EvictionSpec, custom_params: dict | None) -> EvictionSpec:
@@ -89,6 +91,8 @@ class EvictionRuntime:
         self._layer_scores: dict[int, tuple] = {}
         self._end_of_think: dict[str | None, tuple[int, ...]] = {}
         self.evicted_total = 0
+        self.pressure_relief_count = 0
+        self.debug = os.environ.get(DEBUG_ENV) == "1"
         self.failed: set[str] = set()  # requests whose eviction raised: they continue without it
         self.needs = ScoreNeeds(attention=True)
         logger.info("crystal-sglang: in-flight KV eviction on: %s", spec.describe())
@@ -131,11 +135,9 @@ class EvictionRuntime:
                 seq_lens[i] = kept
                 changed = True
         if changed:
-            lengths = torch.tensor(seq_lens, dtype=batch.seq_lens_cpu.dtype)
-            batch.seq_lens_cpu = lengths
-            batch.seq_lens = lengths.to(batch.seq_lens.device, batch.seq_lens.dtype)
-            batch.orig_seq_lens = lengths.to(batch.orig_seq_lens.device, batch.orig_seq_lens.dtype)
-            batch.seq_lens_sum = None
+            self._set_lengths(batch, seq_lens)
+            if self.debug:
+                self.check_rows(batch)
 
     def _step_request(self, req, i: int, n: int, step: list) -> int:
         """Feed one request its step and apply its decision; returns the entries its row holds afterwards."""
@@ -153,6 +155,10 @@ class EvictionRuntime:
         if scores is not None:
             evictor.observe(scores)
         self._show_tokens(req, tracked)
+        return self._evict(req, evictor, n)
+
+    def _evict(self, req, evictor: RequestEvictor, n: int) -> int:
+        """Ask the evictor and apply its decision to the pool; returns the entries the row holds afterwards."""
         decision = evictor.decide(PoolSelectionContext(self.pool, req, n))
         if decision is None:
             return n
@@ -164,6 +170,67 @@ class EvictionRuntime:
             req.skip_radix_cache_insert = True  # the row no longer matches the token sequence
             self.evicted_total += freed
         return kept
+
+    def relieve_pressure(self, batch) -> int:
+        """Before SGLang retracts a request for lack of slots: halve the budgets of the running evicting requests
+        (never below the protected window), least useful slots first (Crystal-KV's CRF per slot when the policy
+        has it), and evict at once. Returns the slots freed."""
+        seq_lens = batch.seq_lens_cpu.tolist()
+        candidates = []
+        for i, req in enumerate(batch.reqs):
+            tracked = self.tracked.get(req.rid)
+            if tracked is None or req.rid in self.failed or req.finished():
+                continue
+            evictor = tracked.evictor
+            floor = evictor.settings.protected_window + 1
+            if evictor.budget > floor:
+                candidates.append((self._slot_utility(evictor), i, req, evictor, floor))
+        freed = 0
+        for _, i, req, evictor, floor in sorted(candidates, key=lambda item: item[0]):
+            evictor.set_budget(max(floor, evictor.budget // 2))
+            try:
+                kept = self._evict(req, evictor, seq_lens[i])
+            except Exception:
+                logger.exception("crystal-sglang: eviction under pressure failed for request %s", req.rid)
+                self.failed.add(req.rid)
+                continue
+            freed += seq_lens[i] - kept
+            seq_lens[i] = kept
+        if freed:
+            self._set_lengths(batch, seq_lens)
+            self.pressure_relief_count += 1
+            logger.info("crystal-sglang: memory pressure: budgets halved, %d slots freed before retracting", freed)
+        return freed
+
+    def check_rows(self, batch) -> None:
+        """Every running request's row lists distinct slots, none of them free in the allocator."""
+        allocator = self.allocator
+        free = [t for t in (getattr(allocator, "free_pages", None), getattr(allocator, "release_pages", None))
+                if t is not None]
+        free = torch.cat(free).to(torch.int64) if free else torch.empty(0, dtype=torch.int64)
+        for req, n in zip(batch.reqs, batch.seq_lens_cpu.tolist()):
+            if req.finished() or not req.kv.holds_kv:
+                continue
+            slots = self.pool.row_slots(req, n).cpu()
+            if slots.unique().numel() != n:
+                raise AssertionError(f"request {req.rid}: its row repeats a slot")
+            if bool(torch.isin(slots, free.cpu()).any()):
+                raise AssertionError(f"request {req.rid}: its row lists a slot the allocator holds as free")
+
+    def _slot_utility(self, evictor: RequestEvictor) -> float:
+        """Mean usefulness per held slot (CRF for Crystal-KV); 0 for policies without a utilisation signal."""
+        utilisation = evictor.policy.utilisation(evictor.state, evictor.length - 1, evictor.valid)
+        if utilisation is None:
+            return 0.0
+        return float(utilisation.sum()) / max(1, int(evictor.valid.sum()))
+
+    @staticmethod
+    def _set_lengths(batch, seq_lens: list[int]) -> None:
+        lengths = torch.tensor(seq_lens, dtype=batch.seq_lens_cpu.dtype)
+        batch.seq_lens_cpu = lengths
+        batch.seq_lens = lengths.to(batch.seq_lens.device, batch.seq_lens.dtype)
+        batch.orig_seq_lens = lengths.to(batch.orig_seq_lens.device, batch.orig_seq_lens.dtype)
+        batch.seq_lens_sum = None
 
     def _track(self, req) -> _Tracked:
         spec = req_spec(req, self.spec)

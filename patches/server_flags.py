@@ -41,7 +41,7 @@ def add_flags(result, parser: argparse.ArgumentParser) -> None:
         "--kv-evict-config",
         default=None,
         help='Policy settings as a JSON object, e.g. \'{"top_p": 0.9, "lam": 0.6, "sinks": 4, "window": 8, '
-        '"end_of_think": "</think>", "realloc_period": 64}\'.',
+        '"end_of_think": "</think>"}\'.',
     )
 
 

@@ -19,13 +19,14 @@ PROMPT_IDS = [1, 269, 326, 449, 118, 297, 43, 7, 2]
 NEW_TOKENS = 120
 SMALL_BUDGET = 24
 BUFFER = 16  # the default
+DEBUG = {"CRYSTAL_KV_EVICT_DEBUG": "1"}  # rows checked against the allocator after every eviction step
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, server_log_dir):
     args = cpu_server_args("--kv-evict", "crystal", "--kv-evict-budget", "32", "--disable-radix-cache",
                            max_total_tokens=2048)
-    with SGLangServer(tiny_model_dir, args, log_path=server_log_dir / "eviction.log") as running:
+    with SGLangServer(tiny_model_dir, args, log_path=server_log_dir / "eviction.log", env=DEBUG) as running:
         yield running
         assert used_tokens(running) == 0, "slots leaked: the pool did not return to empty"
 
@@ -147,3 +148,42 @@ def test_openai_client_passes_custom_params(server):
     reply = client.completions.create(model="default", prompt="think step answer", max_tokens=40, temperature=0,
                                       extra_body={"custom_params": {"kv_budget": 20}, "ignore_eos": True})
     assert reply.usage.completion_tokens == 40
+
+
+def test_frontend_program_runs_against_the_evicting_server(server):
+    import sglang as sgl
+
+    @sgl.function
+    def reason(s, question):
+        s += question
+        s += sgl.gen("answer", max_tokens=60, temperature=0, ignore_eos=True)
+
+    state = reason.run(question="think step answer train", backend=sgl.RuntimeEndpoint(server.base_url))
+    assert state["answer"]
+    meta = state.get_meta_info("answer")
+    assert meta["completion_tokens"] == 60 and meta["kv_evict"][-1]["evicted"] > 0
+
+
+def test_default_model_serves_with_eviction(default_model_dir, server_log_dir):
+    """The real default model: exact under a budget above the length, bounded and leak-free under a small one,
+    through the OpenAI chat API as the demo uses it."""
+    import openai
+
+    args = cpu_server_args("--kv-evict", "crystal", "--kv-evict-budget", "128", "--disable-radix-cache")
+    with SGLangServer(default_model_dir, args, log_path=server_log_dir / "default-eviction.log", env=DEBUG) as server:
+        start = used_tokens(server)
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none")
+        messages = [{"role": "user", "content": "Explain step by step how to add 27 and 58."}]
+
+        def chat(custom_params, tokens):
+            return client.chat.completions.create(
+                model="default", messages=messages, max_tokens=tokens, temperature=0,
+                extra_body={"custom_params": custom_params, "ignore_eos": True},
+            ).choices[0].message.content  # fmt: skip
+
+        assert chat({"kv_budget": 4096}, 64) == chat({"kv_evict": "none"}, 64)
+        prompt_ids = list(range(100, 160))
+        reply = generate(server, {"kv_budget": 96}, new_tokens=160, prompt=prompt_ids)
+        info = reply["meta_info"]["kv_evict"][-1]
+        assert info["evicted"] > 0 and info["retained"] <= 96 + BUFFER
+        assert used_tokens(server) == start
