@@ -1,0 +1,1 @@
+"""Benchmarks: fidelity to the full cache, serving capacity, kernel timing."""

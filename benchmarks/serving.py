@@ -1,0 +1,195 @@
+"""Serving capacity: the same SGLang server, pool and workload with `--kv-evict none` and each policy, alternated.
+
+Workload: N concurrent long generations (streamed, greedy, fixed length) against a pool that holds about four
+full-length requests. Per policy: output tokens/s, completed requests, peak running requests (polled from
+`/v1/loads`), retractions (the scheduler's log), TTFT and per-token latency. Then the policy overhead per decode
+step against context length: one batch of requests whose prompts fill the context, decoded with `none` and with
+the policy at a budget above the length (scoring and bookkeeping only, no eviction), per-token latency compared.
+
+    python -m benchmarks.serving [--quick] [--policies crystal,rkv] [--gpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from crystal_sglang.models import prepare_default_model
+from crystal_sglang.prompts import chat_messages, load_problems
+from crystal_sglang.server import CPU_SERVER_ARGS, SGLangServer
+
+RETRACTED = re.compile(r"#retracted_reqs: (\d+)")
+
+
+def stream_one(base_url: str, payload: dict) -> dict:
+    """One streamed /generate request: time to first token, gaps between tokens, tokens produced."""
+    request = urllib.request.Request(base_url + "/generate", data=json.dumps({**payload, "stream": True}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    begin = time.monotonic()
+    stamps, tokens = [], 0
+    with urllib.request.urlopen(request, timeout=3600) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            count = chunk["meta_info"]["completion_tokens"]
+            if count > tokens:
+                stamps.append(time.monotonic())
+                tokens = count
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"ttft": stamps[0] - begin if stamps else None, "gaps": gaps, "tokens": tokens}
+
+
+def run_workload(server: SGLangServer, prompts: list[str], new_tokens: int) -> dict:
+    results: list = [None] * len(prompts)
+    loads, done = [], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            loads.append(server.get("/v1/loads")["loads"][0])
+            time.sleep(0.25)
+
+    def run(index):
+        results[index] = stream_one(server.base_url, {
+            "text": prompts[index], "sampling_params": {"temperature": 0, "max_new_tokens": new_tokens,
+                                                        "ignore_eos": True},
+        })  # fmt: skip
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    begin = time.monotonic()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.monotonic() - begin
+    done.set()
+    poller.join()
+    gaps = sorted(gap for result in results for gap in result["gaps"])
+    ttfts = sorted(result["ttft"] for result in results if result["ttft"] is not None)
+    tokens = sum(result["tokens"] for result in results)
+    return {
+        "seconds": seconds, "output_tokens": tokens, "output_tok_per_s": tokens / seconds,
+        "completed": sum(result["tokens"] == new_tokens for result in results),
+        "peak_running": max(load["num_running_reqs"] for load in loads),
+        "peak_used_tokens": max(load["num_used_tokens"] for load in loads),
+        "ttft_p50": statistics.median(ttfts), "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
+        "itl_p50": statistics.median(gaps), "itl_p99": gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))],
+    }  # fmt: skip
+
+
+def step_latency(server: SGLangServer, prompt_ids: list[int], batch: int, new_tokens: int, custom: dict | None):
+    """Median per-token decode latency of `batch` concurrent requests with `prompt_ids` as context."""
+    results: list = [None] * batch
+
+    def run(index):
+        params = {"temperature": 0, "max_new_tokens": new_tokens, "ignore_eos": True}
+        if custom:
+            params["custom_params"] = custom
+        results[index] = stream_one(server.base_url, {"input_ids": prompt_ids[index:], "sampling_params": params})
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(batch)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return statistics.median(gap for result in results for gap in result["gaps"][2:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer and shorter requests (minutes on 2 cores)")
+    parser.add_argument("--policies", default="crystal", help="comma-separated policies compared with none")
+    parser.add_argument("--budget", default="128")
+    parser.add_argument("--gpu", action="store_true", help="FlashInfer and compiled Triton instead of CPU args")
+    parser.add_argument("--out", default="results/serving")
+    args = parser.parse_args(argv)
+
+    requests, new_tokens = (8, 192) if args.quick else (16, 512)
+    contexts = [1024, 2048] if args.quick else [1024, 2048, 4096, 8192]
+    overhead_batch = 4 if args.quick else 8
+    model = prepare_default_model()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    problems = load_problems(limit=requests) * (1 + requests // len(load_problems()))
+    prompts = [tokenizer.apply_chat_template(chat_messages(p), add_generation_prompt=True, tokenize=False)
+               for p in problems[:requests]]
+    longest_prompt = max(len(tokenizer(p)["input_ids"]) for p in prompts)
+    pool = 4 * (longest_prompt + new_tokens)  # about four full-length requests
+    device = [] if args.gpu else list(CPU_SERVER_ARGS)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    policies = ["none", *[p for p in args.policies.split(",") if p and p != "none"]]
+    report = {"requests": requests, "new_tokens": new_tokens, "pool_tokens": pool, "budget": args.budget,
+              "capacity": {}, "overhead": {}}
+
+    for policy in tqdm(policies, desc="capacity (one server per policy)", unit="server"):
+        log = out / f"server-{policy}.log"
+        server_args = [*device, "--max-total-tokens", str(pool), "--kv-evict", policy,
+                       "--kv-evict-budget", args.budget, "--disable-radix-cache"]
+        with SGLangServer(model, server_args, log_path=log) as server:
+            result = run_workload(server, prompts, new_tokens)
+        result["retractions"] = sum(int(n) for n in RETRACTED.findall(log.read_text()))
+        report["capacity"][policy] = result
+        print(f"{policy:>14}: {result['output_tok_per_s']:.1f} tok/s, peak running {result['peak_running']}, "
+              f"retractions {result['retractions']}, TTFT p50 {result['ttft_p50']:.2f} s, "
+              f"ITL p50 {result['itl_p50'] * 1000:.0f} ms", flush=True)
+
+    policy = policies[1] if len(policies) > 1 else "crystal"
+    long_pool = overhead_batch * (max(contexts) + 64) + 64
+    server_args = [*device, "--max-total-tokens", str(long_pool), "--kv-evict", policy, "--kv-evict-budget",
+                   str(max(contexts) * 2), "--disable-radix-cache", "--context-length", str(max(contexts))]
+    filler = tokenizer(" ".join(load_problems()) * 200)["input_ids"]
+    with SGLangServer(model, server_args, log_path=out / "server-overhead.log") as server:
+        for context in tqdm(contexts, desc="overhead vs context", unit="context"):
+            ids = filler[: context - 32 + overhead_batch]  # room for the generated tokens
+            base = step_latency(server, ids, overhead_batch, 24, {"kv_evict": "none"})
+            scored = step_latency(server, ids, overhead_batch, 24, None)
+            report["overhead"][str(context)] = {"none_s": base, "policy_s": scored, "share": scored / base - 1}
+            print(f"context {context}: none {base * 1000:.0f} ms/step, {policy} {scored * 1000:.0f} ms/step "
+                  f"(overhead {100 * (scored / base - 1):+.1f} %)", flush=True)
+
+    name = "serving-quick" if args.quick else "serving"
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    plot(report, out / f"{name}.png")
+    print(f"wrote {out / name}.json and .png")
+    return 0
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    capacity = report["capacity"]
+    names = list(capacity)
+    metrics = [("output_tok_per_s", "output tok/s"), ("peak_running", "peak running requests"),
+               ("retractions", "retractions"), ("ttft_p50", "TTFT p50 (s)"), ("itl_p50", "per-token p50 (s)")]
+    figure, axes = plt.subplots(1, len(metrics) + 1, figsize=(4 * (len(metrics) + 1), 3.5))
+    for axis, (key, label) in zip(axes, metrics):
+        axis.bar(names, [capacity[name][key] for name in names], color=["grey", *["tab:blue"] * (len(names) - 1)])
+        axis.set_title(label)
+    contexts = list(report["overhead"])
+    axes[-1].plot([int(c) for c in contexts], [100 * report["overhead"][c]["share"] for c in contexts], "o-")
+    axes[-1].set_xlabel("context (entries)")
+    axes[-1].set_title("policy overhead per step (%)")
+    figure.suptitle(f"{report['requests']} requests x {report['new_tokens']} tokens, pool {report['pool_tokens']} "
+                    f"tokens, budget {report['budget']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
