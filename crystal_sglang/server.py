@@ -99,7 +99,8 @@ class SGLangServer:
         )
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
-                return json.loads(response.read())
+                body = response.read()
+                return json.loads(body) if body.strip() else {}
         except urllib.error.HTTPError as error:
             raise ServerError(f"{path} answered {error.code}: {error.read().decode(errors='replace')}") from error
 

@@ -1,0 +1,133 @@
+"""Faults on the real CPU server with eviction on: nothing leaks, nothing crashes, nobody else's output changes."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from crystal_sglang.server import SGLangServer
+from tests.conftest import cpu_server_args
+from tests.test_server_eviction import DEBUG, PROMPT_IDS, SNAPSHOT_EVERY_BATCH, generate, pool_used
+
+pytestmark = pytest.mark.server
+
+
+def wait_until_drained(server, timeout: float = 60.0) -> int:
+    """Slots still in use once aborted or finishing requests have had time to release theirs."""
+    deadline = time.monotonic() + timeout
+    used = pool_used(server)
+    while used and time.monotonic() < deadline:
+        time.sleep(0.5)
+        used = pool_used(server)
+    return used
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, server_log_dir):
+    args = cpu_server_args("--kv-evict", "crystal", "--kv-evict-budget", "24", "--disable-radix-cache",
+                           *SNAPSHOT_EVERY_BATCH, max_total_tokens=2048)
+    with SGLangServer(tiny_model_dir, args, log_path=server_log_dir / "faults.log", env=DEBUG) as running:
+        yield running
+        assert wait_until_drained(running) == 0
+    assert "Traceback" not in (server_log_dir / "faults.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def witness(server):
+    """A request whose output must not change whatever happens around it."""
+    return generate(server, {"kv_budget": 30})["output_ids"]
+
+
+def run_beside(server, witness, fault) -> None:
+    """Run `fault` while the witness request decodes; the witness's output must be unchanged."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(generate(server, {"kv_budget": 30})))
+    thread.start()
+    fault()
+    thread.join()
+    assert result["output_ids"] == witness
+    assert wait_until_drained(server) == 0
+
+
+def test_client_disconnect_mid_stream(server, witness):
+    def disconnect():
+        body = {"input_ids": PROMPT_IDS, "stream": True,
+                "sampling_params": {"temperature": 0, "max_new_tokens": 400, "ignore_eos": True}}
+        request = urllib.request.Request(server.base_url + "/generate", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        response = urllib.request.urlopen(request, timeout=60)
+        for _ in range(40):  # well past the first eviction
+            response.readline()
+        response.close()
+
+    run_beside(server, witness, disconnect)
+
+
+def test_abort_by_request_id(server, witness):
+    def abort():
+        thread = threading.Thread(target=lambda: generate(server, {"kv_budget": 20}, new_tokens=600))
+        thread.start()
+        time.sleep(1.5)
+        server.post("/abort_request", {"abort_all": True})
+        thread.join()
+
+    # abort_all also aborts the witness: check only that nothing leaks or crashes, then that serving goes on.
+    abort()
+    assert wait_until_drained(server) == 0
+    assert generate(server, {"kv_budget": 30})["output_ids"] == witness
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        {"max_new_tokens": 7},  # finishes before or in the step of its first eviction
+        {"max_new_tokens": 41},  # finishes right as the cache crosses budget + buffer
+        {"max_new_tokens": 200, "stop_token_ids": [297]},  # stop token mid-think
+        {"max_new_tokens": 200, "stop": ["think"]},  # stop string
+        {"max_new_tokens": 60, "n": 3, "temperature": 0.8},  # parallel sampling
+    ],
+)
+def test_finishing_paths_leak_nothing(server, witness, sampling):
+    def request():
+        params = {"temperature": 0, **sampling, "custom_params": {"kv_budget": 20}}
+        server.post("/generate", {"input_ids": PROMPT_IDS, "sampling_params": params})
+
+    run_beside(server, witness, request)
+
+
+def test_prompt_longer_than_its_budget(server, witness):
+    long_prompt = (PROMPT_IDS * 12)[:100]
+
+    def request():
+        reply = generate(server, {"kv_budget": 20}, prompt=long_prompt, new_tokens=80)
+        info = reply["meta_info"]["kv_evict"][-1]
+        assert len(reply["output_ids"]) == 80
+        assert info["retained"] >= len(long_prompt)  # the prompt is protected: it is never evicted
+
+    run_beside(server, witness, request)
+
+
+def test_retraction_and_resume(tiny_model_dir, server_log_dir):
+    """SGLang's test mode retracts running requests periodically; retracted requests re-prefill and finish."""
+    log = server_log_dir / "retract.log"
+    args = cpu_server_args("--kv-evict", "crystal", "--kv-evict-budget", "24", "--disable-radix-cache",
+                           *SNAPSHOT_EVERY_BATCH, max_total_tokens=2048)
+    with SGLangServer(tiny_model_dir, args, log_path=log, env={**DEBUG, "SGLANG_TEST_RETRACT": "1"}) as server:
+        replies: list = [None] * 4
+
+        def run(index):
+            replies[index] = generate(server, {"kv_budget": 20 + 4 * index}, new_tokens=150)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert all(len(reply["output_ids"]) == 150 for reply in replies)
+        assert wait_until_drained(server) == 0
+    text = log.read_text()
+    assert "#retracted_reqs" in text and "Traceback" not in text
