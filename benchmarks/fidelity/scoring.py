@@ -1,0 +1,133 @@
+"""The one scoring code of the fidelity benchmark, used for our policies and for kvpress's presses alike.
+
+Per replayed token: KL(full || policy) of the next-token distributions, whether the top-1 tokens agree, and the
+negative log-likelihood of the replayed token under the policy (`compare`, recorded row by row by `ReplayScores`
+in both replays). Tokens are labelled "reasoning" or "answer" (or left unscored), and `summarize` turns a
+configuration's tokens into its metrics.
+
+Imports only torch: the kvpress runner loads this module from kvpress's own virtual environment.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+
+REASONING, ANSWER = "reasoning", "answer"
+PARTS = (REASONING, ANSWER, "all")
+ANSWER_MARKER = "\\boxed"
+ANSWER_TAIL = 0.2
+ANSWER_RULE = (
+    "answer part = the tokens of a scored span from the one where its last '\\boxed' starts to the span's end; "
+    "a span without '\\boxed' has its final 20 % of tokens as the answer part; the rest of the span is reasoning"
+)
+
+
+@dataclass
+class TokenScores:
+    """One replayed sequence under one configuration: per continuation position, what `compare` measured, and the
+    KV entries the cache held per (layer, KV head) after the forward that made the prediction (filled by the
+    replays: memory is what the budgets are meant to equalise)."""
+
+    kl: list[float]
+    agree: list[bool]
+    nll: list[float]
+    entries: list[float] = field(default_factory=list)
+
+
+def compare(reference_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> TokenScores:
+    """Rows of next-token logits [R, V] against the full cache's [R, V]; `targets` [R] are the replayed tokens."""
+    reference = torch.log_softmax(reference_logits.to(torch.float32), dim=-1)
+    policy = torch.log_softmax(logits.to(torch.float32), dim=-1)
+    kl = (reference.exp() * (reference - policy)).sum(-1, dtype=torch.float64).clamp_min(0.0)
+    agree = logits.argmax(-1) == reference_logits.argmax(-1)
+    nll = -policy.gather(-1, targets.view(-1, 1)).squeeze(-1)
+    return TokenScores(kl=kl.tolist(), agree=agree.tolist(), nll=nll.tolist())
+
+
+class ReplayScores:
+    """The token scores of every row of a batched teacher-forced replay, recorded step by step."""
+
+    def __init__(self, rows: int):
+        self.rows = [TokenScores([], [], [], []) for _ in range(rows)]
+
+    def record(self, live: list[int], reference_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+               entries: list[float]) -> None:  # fmt: skip
+        """One step: rows `live` (their logits, in that order, against the reference's) and the entries every row
+        of the batch holds."""
+        step = compare(reference_logits, logits, targets)
+        for position, row in enumerate(live):
+            scores = self.rows[row]
+            scores.kl.append(step.kl[position])
+            scores.agree.append(step.agree[position])
+            scores.nll.append(step.nll[position])
+            scores.entries.append(entries[row])
+
+
+def right_padded(rows: list[list[int]], pad: int) -> torch.Tensor:
+    """Token rows of different lengths as one [B, longest] tensor, padded at the end."""
+    ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.int64)
+    for index, row in enumerate(rows):
+        ids[index, : len(row)] = torch.tensor(row)
+    return ids
+
+
+def label_parts(token_spans: list[tuple[int, int]], text: str, scored_spans: list[tuple[int, int]]) -> list[str | None]:
+    """Per token (its character span in `text`): REASONING, ANSWER, or None outside every scored span."""
+    labels: list[str | None] = [None] * len(token_spans)
+    for span_start, span_end in scored_spans:
+        inside = [i for i, (start, _) in enumerate(token_spans) if span_start <= start < span_end]
+        if not inside:
+            continue
+        marker = text.rfind(ANSWER_MARKER, span_start, span_end)
+        if marker >= 0:
+            answer = {i for i in inside if token_spans[i][1] > marker}
+        else:
+            answer = set(inside[len(inside) - math.ceil(ANSWER_TAIL * len(inside)) :])
+        for i in inside:
+            labels[i] = ANSWER if i in answer else REASONING
+    return labels
+
+
+def greedy_match_length(scores: TokenScores, labels: list[str | None]) -> int:
+    """Scored tokens before the first top-1 disagreement. Teacher-forced on the full cache's own greedy trace, this
+    is exactly how long free-running greedy decoding with the policy reproduces the trace: until the first
+    disagreement both runs feed the model the same tokens, so they hold the same cache."""
+    scored = [agree for agree, label in zip(scores.agree, labels) if label is not None]
+    return next((i for i, agree in enumerate(scored) if not agree), len(scored))
+
+
+def summarize(sequences: list[TokenScores], labels: list[list[str | None]], greedy: bool) -> dict:
+    """Token-weighted metrics per part over all sequences of one configuration; `greedy`: also the greedy-match
+    length (only meaningful on the model's own greedy traces)."""
+    result = {}
+    for part in PARTS:
+        kl, agree, nll = [], [], []
+        for scores, row_labels in zip(sequences, labels):
+            for index, label in enumerate(row_labels):
+                if label is not None and (part == "all" or label == part):
+                    kl.append(scores.kl[index])
+                    agree.append(scores.agree[index])
+                    nll.append(scores.nll[index])
+        result[part] = {
+            "tokens": len(kl),
+            "top1_agreement": sum(agree) / len(agree) if agree else None,
+            "mean_kl": sum(kl) / len(kl) if kl else None,
+            "perplexity": math.exp(sum(nll) / len(nll)) if nll else None,
+        }
+    entries = [value for scores in sequences for value in scores.entries]
+    if entries:
+        result["entries_held"] = {"mean": statistics.fmean(entries), "max": max(entries)}
+    if greedy:
+        lengths = [greedy_match_length(scores, row_labels) for scores, row_labels in zip(sequences, labels)]
+        scored = [sum(label is not None for label in row_labels) for row_labels in labels]
+        result["greedy_match"] = {
+            "mean": statistics.fmean(lengths),
+            "median": statistics.median(lengths),
+            "share_of_trace": sum(lengths) / max(1, sum(scored)),
+            "per_sequence": lengths,
+        }
+    return result
