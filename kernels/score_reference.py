@@ -34,15 +34,30 @@ def score_reference(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """queries [B, W, Hq, d]; returns scores [B, Hkv, n_max] float32 (zero past a request's length) and sparsity
     [B, W, Hq] float32 or None. `valid` [B, Hkv, n_max] (reference path only) masks entries per head."""
+    n_max = int(seq_lens.max()) if queries.shape[0] else 0
+    slots = req_to_token[req_pool_indices.to(torch.int64)][:, :n_max].to(torch.int64)
+    keys = k_buffer[slots].permute(0, 2, 1, 3)  # [B, Hkv, n, d]
+    return score_dense(queries, keys, seq_lens, mode, sparsity_threshold, scale, valid)
+
+
+def score_dense(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    seq_lens: torch.Tensor,
+    mode: str = "mean",
+    sparsity_threshold: float | None = None,
+    scale: float | None = None,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same scores over keys already laid out per request, `[B, Hkv, n_max, d]` (the transformers reference
+    path keeps its cache that way, so it skips the slot gather)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     batch, window, q_heads, dim = queries.shape
-    kv_heads = k_buffer.shape[1]
+    kv_heads, n_max = keys.shape[1], keys.shape[2]
     group = q_heads // kv_heads
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    n_max = int(seq_lens.max()) if batch else 0
-    slots = req_to_token[req_pool_indices.to(torch.int64)][:, :n_max].to(torch.int64)
-    keys = k_buffer[slots].to(torch.float32).permute(0, 2, 1, 3)  # [B, Hkv, n, d]
+    keys = keys.to(torch.float32)
     q = queries.to(torch.float32).view(batch, window, kv_heads, group, dim).permute(0, 2, 1, 3, 4)
     logits = torch.einsum("bhwgd,bhnd->bhwgn", q, keys) * scale
     present = torch.arange(n_max, device=keys.device).view(1, 1, n_max) < seq_lens.view(batch, 1, 1).to(keys.device)

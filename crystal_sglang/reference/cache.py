@@ -30,7 +30,7 @@ from crystal_sglang.config import EvictionSpec
 from crystal_sglang.eviction import PER_HEAD, SHARED_SLOTS, RequestEvictor
 from crystal_sglang.policies.base import SPARSITY_THRESHOLD, CacheShape, Decision, ScoreNeeds, StepScores
 from crystal_sglang.quantization import fake_quantize_keys, fake_quantize_values
-from crystal_sglang.kernels.score_reference import score_reference
+from crystal_sglang.kernels.score_reference import score_dense
 
 ATTENTION_NAME = "crystal_kv"
 _active_cache: contextvars.ContextVar["EvictingCache | None"] = contextvars.ContextVar("crystal_kv_cache", default=None)
@@ -93,18 +93,10 @@ class _RowContext:
         return self._keys
 
     def attention(self, queries: torch.Tensor, lengths, mode: str) -> torch.Tensor:
+        # Layers as the batch: each layer's window of queries over that layer's keys.
         keys = self.keys()
-        n = keys.shape[2]
-        length = torch.as_tensor([int(lengths)])
-        per_layer = []
-        for layer_keys, layer_queries in zip(keys, queries):
-            buffer = layer_keys.transpose(0, 1)  # [n, H, d]
-            scores, _ = score_reference(
-                layer_queries.unsqueeze(0), buffer, torch.arange(n).unsqueeze(0), torch.zeros(1, dtype=torch.int64),
-                length, mode=mode,
-            )  # fmt: skip
-            per_layer.append(F.pad(scores[0], (0, n - scores.shape[-1])))
-        return torch.stack(per_layer)
+        scores, _ = score_dense(queries, keys, torch.full((keys.shape[0],), int(lengths)), mode=mode)
+        return scores
 
 
 class EvictingCache(Cache):
@@ -197,11 +189,10 @@ class EvictingCache(Cache):
         if layer_idx == 0:
             self._check_positions(position_ids, q_len)
         group = q_heads // key.shape[1]
-        k = key.repeat_interleave(group, dim=1)
-        v = value.repeat_interleave(group, dim=1)
         if q_len > 1:  # prefill: causal over each row's own prompt (rows are right-padded)
             causal = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).tril()
             mask = causal.view(1, 1, q_len, q_len) & layer.valid.repeat_interleave(group, dim=1)[:, :, None, :]
+            k, v = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
             output = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
             if layer_idx == self.shape.layers - 1:
                 self._finish_prefill()
@@ -210,7 +201,9 @@ class EvictingCache(Cache):
         # change the kernel's summation and break bit-identity with the full cache.
         used = max(self.entries) + 1
         mask = layer.valid[:, :, :used].repeat_interleave(group, dim=1)[:, :, None, :]
-        output = F.scaled_dot_product_attention(query, k[:, :, :used], v[:, :, :used], attn_mask=mask, scale=scaling)
+        k = key[:, :, :used].repeat_interleave(group, dim=1)
+        v = value[:, :, :used].repeat_interleave(group, dim=1)
+        output = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
         self._record_step(layer_idx, query[:, :, 0], layer)
         if layer_idx == self.shape.layers - 1:
             self._finish_step()
@@ -224,12 +217,10 @@ class EvictingCache(Cache):
             self._step["queries"].append(query.detach().to(torch.float32))
         if not (needs.attention or needs.sparsity):
             return
-        batch, heads, capacity, dim = layer.keys.shape
         entries = torch.tensor([n + 1 for n in self.entries])  # this step's entry is appended already
-        buffer = layer.keys.permute(0, 2, 1, 3).reshape(batch * capacity, heads, dim)
-        slots = torch.arange(batch * capacity).view(batch, capacity)
-        scores, sparsity = score_reference(
-            query.unsqueeze(1), buffer, slots, torch.arange(batch), entries, mode="mean",
+        used = int(entries.max())
+        scores, sparsity = score_dense(
+            query.unsqueeze(1), layer.keys[:, :, :used], entries, mode="mean",
             sparsity_threshold=SPARSITY_THRESHOLD if needs.sparsity else None, valid=layer.valid,
         )  # fmt: skip
         self._step["attention"].append(scores)
