@@ -18,9 +18,14 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _runs_triton(queries: torch.Tensor) -> bool:
-    """Compiled Triton needs CUDA tensors; with TRITON_INTERPRET=1 its interpreter runs the kernel on CPU ones."""
-    return triton_available() and (queries.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+def score_backend(device: torch.device | str) -> str:
+    """What `extract_scores` runs for tensors on `device`: "triton" (compiled, CUDA), "triton-interpreter"
+    (TRITON_INTERPRET=1 runs the kernel on CPU tensors) or "torch" (the reference)."""
+    if not triton_available():
+        return "torch"
+    if torch.device(device).type == "cuda":
+        return "triton"
+    return "triton-interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "torch"
 
 
 def extract_scores(
@@ -35,7 +40,7 @@ def extract_scores(
     valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`score_reference`'s signature and results, computed by the Triton kernel when it can run here."""
-    if not _runs_triton(queries):
+    if score_backend(queries.device) == "torch":
         return score_reference(
             queries, k_buffer, req_to_token, req_pool_indices, seq_lens, mode, sparsity_threshold, scale, valid
         )

@@ -14,7 +14,7 @@ from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOu
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from crystal_sglang.config import ConfigError
-from crystal_sglang.patches import server_flags
+from crystal_sglang.patches import observability, server_flags
 from crystal_sglang.patches.runtime import REQUEST_KEYS, EvictionRuntime, request_spec
 
 _runtime: EvictionRuntime | None = None
@@ -113,6 +113,11 @@ def bounded_running_offset(original, adder, req, *args, **kwargs):
     return reserved if bound is None else min(reserved, bound)
 
 
+def decode_log_with_savings(parts, _pool_stats, *args, **kwargs) -> list[str]:
+    """SGLang's "Decode batch" line lists the pool's usage; add what eviction saved and what it retains."""
+    return [*parts, observability.usage_message(_runtime.savings())]
+
+
 META_INFO_KEY = "kv_evict"
 
 
@@ -144,4 +149,6 @@ RUNTIME_TARGETS = {
     f"{_ADDER}._get_running_request_total_token_offset": (bounded_running_offset, HookType.AROUND),
     f"{_STREAMER}.build_additional_customized_info": (eviction_meta_info, HookType.REPLACE),
     f"{_STREAMER}.is_request_level_customized_info_key": (eviction_info_is_per_request, HookType.REPLACE),
+    "sglang.srt.managers.scheduler_components.pool_stats_observer.PoolStats.get_decode_usage_msg_parts": (
+        decode_log_with_savings, HookType.AFTER),
 }

@@ -26,9 +26,10 @@ import torch
 
 from crystal_sglang.config import ConfigError, EvictionSpec, parse_budget
 from crystal_sglang.eviction import SHARED_SLOTS, RequestEvictor
-from crystal_sglang.kernels.scores import extract_scores
+from crystal_sglang.kernels.scores import extract_scores, score_backend
 from crystal_sglang.policies import make_spec, policy_class
 from crystal_sglang.policies.base import SPARSITY_THRESHOLD, CacheShape, ScoreNeeds, StepScores
+from crystal_sglang.patches.observability import EvictionMetrics, PoolSavings
 from crystal_sglang.patches.pool_ops import PoolSelectionContext, PoolView
 
 logger = logging.getLogger("crystal_sglang")
@@ -92,10 +93,13 @@ class EvictionRuntime:
         self._end_of_think: dict[str | None, tuple[int, ...]] = {}
         self.evicted_total = 0
         self.pressure_relief_count = 0
+        self.metrics = EvictionMetrics.for_scheduler(scheduler)
+        self._unreported = (0, 0)  # slots freed and pressure reliefs since the metrics were last updated
         self.debug = os.environ.get(DEBUG_ENV) == "1"
         self.failed: set[str] = set()  # requests whose eviction raised: they continue without it
         self.needs = ScoreNeeds(attention=True)
-        logger.info("crystal-sglang: in-flight KV eviction on: %s", spec.describe())
+        logger.info("crystal-sglang: in-flight KV eviction on: %s; scores by %s", spec.describe(),
+                    score_backend(self.pool.req_to_token.device))
 
     # ---- scores during the forward -------------------------------------------------------------------------------
     def record_layer(self, layer_id: int, q: torch.Tensor, forward_batch) -> None:
@@ -138,6 +142,13 @@ class EvictionRuntime:
             self._set_lengths(batch, seq_lens)
             if self.debug:
                 self.check_rows(batch)
+        if self.metrics is not None:
+            self.metrics.record(self.savings(), *self._unreported)
+            self._unreported = (0, 0)
+
+    def savings(self) -> PoolSavings:
+        held = [tracked.evictor for tracked in self.tracked.values()]
+        return PoolSavings(saved=sum(e.length - e.entries for e in held), retained=sum(e.entries for e in held))
 
     def _step_request(self, req, i: int, n: int, step: list) -> int:
         """Feed one request its step and apply its decision; returns the entries its row holds afterwards."""
@@ -169,6 +180,7 @@ class EvictionRuntime:
             req.kv.kv_allocated_len -= freed
             req.skip_radix_cache_insert = True  # the row no longer matches the token sequence
             self.evicted_total += freed
+            self._unreported = (self._unreported[0] + freed, self._unreported[1])
         return kept
 
     def relieve_pressure(self, batch) -> int:
@@ -199,6 +211,7 @@ class EvictionRuntime:
         if freed:
             self._set_lengths(batch, seq_lens)
             self.pressure_relief_count += 1
+            self._unreported = (self._unreported[0], self._unreported[1] + 1)
             logger.info("crystal-sglang: memory pressure: budgets halved, %d slots freed before retracting", freed)
         return freed
 

@@ -21,12 +21,13 @@ SMALL_BUDGET = 24
 BUFFER = 16  # the default
 DEBUG = {"CRYSTAL_KV_EVICT_DEBUG": "1"}
 SNAPSHOT_EVERY_BATCH = ("--load-snapshot-publish-interval", "1")  # rows checked against the allocator after every eviction step
+METRICS = ("--enable-metrics", "--decode-log-interval", "20")
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, server_log_dir):
     args = cpu_server_args("--kv-evict", "crystal", "--kv-evict-budget", "32", "--disable-radix-cache",
-                           *SNAPSHOT_EVERY_BATCH, max_total_tokens=2048)
+                           *SNAPSHOT_EVERY_BATCH, *METRICS, max_total_tokens=2048)
     with SGLangServer(tiny_model_dir, args, log_path=server_log_dir / "eviction.log", env=DEBUG) as running:
         yield running
         assert pool_used(running) == 0, "slots leaked: the pool did not return to empty"
@@ -56,7 +57,7 @@ def generate(server, custom_params: dict | None = None, new_tokens: int = NEW_TO
     return server.post("/generate", {"input_ids": prompt, "sampling_params": params})
 
 
-def reference_output(model_dir, policy: str, budget: int) -> list[int]:
+def reference_output(model_dir, policy: str, budget: int, new_tokens: int = NEW_TOKENS) -> list[int]:
     """The transformers reference path under the same policy and budget (every head keeps the same count)."""
     from transformers import AutoModelForCausalLM
 
@@ -66,10 +67,10 @@ def reference_output(model_dir, policy: str, budget: int) -> list[int]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     spec = make_spec(policy, parse_budget(budget))
     prompt = torch.tensor([PROMPT_IDS])
-    cache = EvictingCache(model.config, [RowRequest(spec, len(PROMPT_IDS), len(PROMPT_IDS) + NEW_TOKENS,
+    cache = EvictingCache(model.config, [RowRequest(spec, len(PROMPT_IDS), len(PROMPT_IDS) + new_tokens,
                                                     layout=SHARED_SLOTS)])
     with evicting_attention(model), torch.no_grad():
-        out = model.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                              past_key_values=cache, pad_token_id=model.config.eos_token_id)
     return out[0, len(PROMPT_IDS):].tolist()
 
@@ -108,6 +109,25 @@ def test_small_budget_bounds_the_pool_and_frees_every_slot(server, policy):
     # Read from the pool: the request never held more than budget + buffer entries (+1 slot for the next token).
     assert max(peak) - start <= SMALL_BUDGET + BUFFER + 1
     assert pool_used(server) <= start  # nothing left behind (the fixture checks the pool ends empty)
+
+
+def metric(text: str, name: str) -> float:
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
+    assert values, f"{name} is not exported"
+    return sum(values)
+
+
+def test_pool_savings_in_the_log_line_and_metrics(server):
+    evicted_before = metric(server.get("/metrics"), "crystal_kv:evicted_tokens_total")
+    reply = generate(server, {"kv_budget": SMALL_BUDGET})
+    evicted = reply["meta_info"]["kv_evict"][-1]["evicted"]
+    assert evicted > 0
+    text = server.get("/metrics")
+    assert metric(text, "crystal_kv:evicted_tokens_total") - evicted_before >= evicted
+    assert metric(text, "crystal_kv:saved_tokens") >= 0 and "crystal_kv:retained_tokens{" in text
+    saved = [int(part.split(":")[1]) for line in server.log_path.read_text().splitlines() if "Decode batch" in line
+             for part in line.split(", ") if part.startswith("#kv-evict saved token")]  # fmt: skip
+    assert saved and max(saved) > 0, "the decode log line does not show the slots eviction saved"
 
 
 @pytest.mark.parametrize("policy", ["crystal", "crystal-lite", "h2o", "streamingllm", "snapkv", "rkv"])
