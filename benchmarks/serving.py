@@ -140,11 +140,12 @@ def main(argv: list[str] | None = None) -> int:
                        "--kv-evict-budget", args.budget, "--disable-radix-cache"]
         with SGLangServer(model, server_args, log_path=log) as server:
             result = run_workload(server, prompts, new_tokens)
+            result["leaked_slots"] = server.pool_used()  # the workload drained: the pool must be empty again
         result["retractions"] = sum(int(n) for n in RETRACTED.findall(log.read_text()))
         report["capacity"][policy] = result
         print(f"{policy:>14}: {result['output_tok_per_s']:.1f} tok/s, peak running {result['peak_running']}, "
               f"retractions {result['retractions']}, TTFT p50 {result['ttft_p50']:.2f} s, "
-              f"ITL p50 {result['itl_p50'] * 1000:.0f} ms", flush=True)
+              f"ITL p50 {result['itl_p50'] * 1000:.0f} ms, leaked slots {result['leaked_slots']}", flush=True)
 
     policy = policies[1] if len(policies) > 1 else "crystal"
     long_pool = overhead_batch * (max(contexts) + 64) + 64

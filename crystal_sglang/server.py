@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -16,6 +17,13 @@ from pathlib import Path
 CPU_SERVER_ARGS = ("--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32")
 
 
+def _terminate_with_parent() -> None:
+    """Linux: the launcher gets SIGTERM when the thread that started it ends (a killed test run or benchmark),
+    and SGLang's launcher then stops its scheduler and detokenizer; elsewhere the context manager's exit does."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -23,7 +31,9 @@ def free_port() -> int:
 
 
 class ServerError(RuntimeError):
-    pass
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status  # the HTTP status when the server answered with an error
 
 
 class SGLangServer:
@@ -58,7 +68,8 @@ class SGLangServer:
         log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
         begin = time.monotonic()
         self.process = subprocess.Popen(
-            self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+            preexec_fn=_terminate_with_parent,
         )
         while time.monotonic() - begin < self.start_timeout:
             if self.process.poll() is not None:
@@ -102,7 +113,8 @@ class SGLangServer:
                 body = response.read()
                 return json.loads(body) if body.strip() else {}
         except urllib.error.HTTPError as error:
-            raise ServerError(f"{path} answered {error.code}: {error.read().decode(errors='replace')}") from error
+            raise ServerError(f"{path} answered {error.code}: {error.read().decode(errors='replace')}",
+                              status=error.code) from error
 
     def get(self, path: str, timeout: float = 60.0) -> dict | str:
         with urllib.request.urlopen(self.base_url + path, timeout=timeout) as response:
@@ -111,6 +123,42 @@ class SGLangServer:
             return json.loads(body)
         except json.JSONDecodeError:
             return body
+
+    def used_tokens(self) -> int:
+        """KV slots in use per the scheduler's last load snapshot (start the server with
+        `--load-snapshot-publish-interval 1` for one per batch)."""
+        return sum(entry["num_used_tokens"] for entry in self.get("/v1/loads")["loads"])
+
+    def pool_used(self) -> int:
+        """KV slots in use now. An idle scheduler publishes no load snapshot; a one-token probe's prefill forces
+        one. The probe's own slot is counted or not depending on when the snapshot lands, so the smaller of two
+        probes' readings is taken: a leaked slot shows in both."""
+        readings = []
+        for _ in range(2):
+            self.post("/generate", {"input_ids": [1], "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
+            readings.append(self.used_tokens())
+        return min(readings)
+
+    def pool_used_when_drained(self, timeout: float = 60.0) -> int:
+        """Slots still in use once aborted or finishing requests have had time to release theirs."""
+        deadline = time.monotonic() + timeout
+        used = self.pool_used()
+        while used and time.monotonic() < deadline:
+            time.sleep(0.5)
+            used = self.pool_used()
+        return used
+
+    def flush_prefix_cache(self, timeout: float = 60.0) -> None:
+        """Empty the prefix cache; SGLang refuses while requests run, so retry until they have drained."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.get("/flush_cache")
+                return
+            except urllib.error.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def __enter__(self) -> "SGLangServer":
         return self.start()

@@ -19,7 +19,9 @@ PROMPT_IDS = [1, 269, 326, 449, 118, 297, 43, 7, 2]
 NEW_TOKENS = 120
 SMALL_BUDGET = 24
 BUFFER = 16  # the default
-DEBUG = {"CRYSTAL_KV_EVICT_DEBUG": "1"}
+# Our row checks after every eviction step, and SGLang's own pool invariants after every batch (busy) and at idle.
+DEBUG = {"CRYSTAL_KV_EVICT_DEBUG": "1", "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1",
+         "SGLANG_CHECK_KV_PAGE_INVARIANTS": "1", "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
 SNAPSHOT_EVERY_BATCH = ("--load-snapshot-publish-interval", "1")  # rows checked against the allocator after every eviction step
 METRICS = ("--enable-metrics", "--decode-log-interval", "20")
 
@@ -30,24 +32,7 @@ def server(tiny_model_dir, server_log_dir):
                            *SNAPSHOT_EVERY_BATCH, *METRICS, max_total_tokens=2048)
     with SGLangServer(tiny_model_dir, args, log_path=server_log_dir / "eviction.log", env=DEBUG) as running:
         yield running
-        assert pool_used(running) == 0, "slots leaked: the pool did not return to empty"
-
-
-def used_tokens(server) -> int:
-    """Slots in use per the scheduler's last load snapshot (published every batch with the servers here)."""
-    loads = server.get("/v1/loads")
-    return sum(entry["num_used_tokens"] for entry in loads["loads"])
-
-
-def pool_used(server) -> int:
-    """Slots in use now. An idle scheduler publishes no load snapshot; a one-token probe's prefill forces one.
-    The probe's own slot is counted or not depending on when the snapshot lands, so the smaller of two probes'
-    readings is taken: a leaked slot shows in both."""
-    readings = []
-    for _ in range(2):
-        server.post("/generate", {"input_ids": [1], "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
-        readings.append(used_tokens(server))
-    return min(readings)
+        assert running.pool_used() == 0, "slots leaked: the pool did not return to empty"
 
 
 def generate(server, custom_params: dict | None = None, new_tokens: int = NEW_TOKENS, prompt=PROMPT_IDS) -> dict:
@@ -89,12 +74,12 @@ def test_budget_above_length_gives_the_full_cache_output(server, full_cache_outp
 
 @pytest.mark.parametrize("policy", [p for p in POLICY_NAMES if p != "none"])
 def test_small_budget_bounds_the_pool_and_frees_every_slot(server, policy):
-    start = pool_used(server)
+    start = server.pool_used()
     peak, done = [start], threading.Event()
 
     def watch():
         while not done.is_set():
-            peak.append(used_tokens(server))
+            peak.append(server.used_tokens())
             time.sleep(0.02)
 
     watcher = threading.Thread(target=watch)
@@ -108,7 +93,7 @@ def test_small_budget_bounds_the_pool_and_frees_every_slot(server, policy):
     assert info["evicted"] > 0 and info["retained"] <= SMALL_BUDGET + BUFFER
     # Read from the pool: the request never held more than budget + buffer entries (+1 slot for the next token).
     assert max(peak) - start <= SMALL_BUDGET + BUFFER + 1
-    assert pool_used(server) <= start  # nothing left behind (the fixture checks the pool ends empty)
+    assert server.pool_used() <= start  # nothing left behind (the fixture checks the pool ends empty)
 
 
 def metric(text: str, name: str) -> float:
@@ -205,7 +190,7 @@ def test_default_model_serves_with_eviction(default_model_dir, server_log_dir):
     args = cpu_server_args("--kv-evict", "crystal", "--kv-evict-budget", "128", "--disable-radix-cache",
                            *SNAPSHOT_EVERY_BATCH)
     with SGLangServer(default_model_dir, args, log_path=server_log_dir / "default-eviction.log", env=DEBUG) as server:
-        start = pool_used(server)
+        start = server.pool_used()
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none")
         messages = [{"role": "user", "content": "Explain step by step how to add 27 and 58."}]
 
@@ -220,4 +205,4 @@ def test_default_model_serves_with_eviction(default_model_dir, server_log_dir):
         reply = generate(server, {"kv_budget": 96}, new_tokens=160, prompt=prompt_ids)
         info = reply["meta_info"]["kv_evict"][-1]
         assert info["evicted"] > 0 and info["retained"] <= 96 + BUFFER
-        assert pool_used(server) == start
+        assert server.pool_used() == start

@@ -11,19 +11,9 @@ import pytest
 
 from crystal_sglang.server import SGLangServer
 from tests.conftest import cpu_server_args
-from tests.test_server_eviction import DEBUG, PROMPT_IDS, SNAPSHOT_EVERY_BATCH, generate, pool_used
+from tests.test_server_eviction import DEBUG, PROMPT_IDS, SNAPSHOT_EVERY_BATCH, generate
 
 pytestmark = pytest.mark.server
-
-
-def wait_until_drained(server, timeout: float = 60.0) -> int:
-    """Slots still in use once aborted or finishing requests have had time to release theirs."""
-    deadline = time.monotonic() + timeout
-    used = pool_used(server)
-    while used and time.monotonic() < deadline:
-        time.sleep(0.5)
-        used = pool_used(server)
-    return used
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +22,7 @@ def server(tiny_model_dir, server_log_dir):
                            *SNAPSHOT_EVERY_BATCH, max_total_tokens=2048)
     with SGLangServer(tiny_model_dir, args, log_path=server_log_dir / "faults.log", env=DEBUG) as running:
         yield running
-        assert wait_until_drained(running) == 0
+        assert running.pool_used_when_drained() == 0
     assert "Traceback" not in (server_log_dir / "faults.log").read_text()
 
 
@@ -50,7 +40,7 @@ def run_beside(server, witness, fault) -> None:
     fault()
     thread.join()
     assert result["output_ids"] == witness
-    assert wait_until_drained(server) == 0
+    assert server.pool_used_when_drained() == 0
 
 
 def test_client_disconnect_mid_stream(server, witness):
@@ -77,7 +67,7 @@ def test_abort_by_request_id(server, witness):
 
     # abort_all also aborts the witness: check only that nothing leaks or crashes, then that serving goes on.
     abort()
-    assert wait_until_drained(server) == 0
+    assert server.pool_used_when_drained() == 0
     assert generate(server, {"kv_budget": 30})["output_ids"] == witness
 
 
@@ -128,6 +118,6 @@ def test_retraction_and_resume(tiny_model_dir, server_log_dir):
         for thread in threads:
             thread.join()
         assert all(len(reply["output_ids"]) == 150 for reply in replies)
-        assert wait_until_drained(server) == 0
+        assert server.pool_used_when_drained() == 0
     text = log.read_text()
     assert "#retracted_reqs" in text and "Traceback" not in text

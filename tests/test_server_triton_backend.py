@@ -7,7 +7,7 @@ import pytest
 
 from crystal_sglang.server import SGLangServer
 from tests.conftest import cpu_server_args
-from tests.test_server_eviction import DEBUG, generate, pool_used, reference_output
+from tests.test_server_eviction import DEBUG, generate, reference_output
 
 pytestmark = pytest.mark.server
 
@@ -23,7 +23,7 @@ def triton_server(tiny_model_dir, server_log_dir):
     with SGLangServer(tiny_model_dir, args, log_path=server_log_dir / "triton.log",
                       env={**DEBUG, "TRITON_INTERPRET": "1"}) as running:  # fmt: skip
         yield running
-        assert pool_used(running) == 0, "slots leaked: the pool did not return to empty"
+        assert running.pool_used() == 0, "slots leaked: the pool did not return to empty"
 
 
 def test_triton_backend_evicts_like_the_reference_path(triton_server, tiny_model_dir):
