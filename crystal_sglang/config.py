@@ -83,6 +83,8 @@ class Settings:
     protect_prompt: bool = True  # the prompt is never evicted (the papers compress the think stage)
     end_of_think: str | None = "</think>"  # from this marker on, entries are the answer and are never evicted
     seed: int = 0  # for policies that draw at random
+    realloc_period: int = 128  # tokens between two per-layer/head budget reallocations (policies that reallocate)
+    realloc_floor: float = 0.25  # share of the budget a head keeps at least after a reallocation
 
     @property
     def protected_window(self) -> int:
@@ -171,6 +173,10 @@ def build_spec(policy: str, budget: Budget, config: dict, policy_params_type: An
         raise ConfigError("buffer must be at least 1 entry")
     if not 0 <= settings.seed < 1 << 63:
         raise ConfigError(f"seed={settings.seed} must lie in [0, 2**63)")
+    if not 1 <= settings.realloc_period <= MAX_ENTRIES:
+        raise ConfigError(f"realloc_period={settings.realloc_period} must lie in [1, {MAX_ENTRIES}] tokens")
+    if not 0 <= settings.realloc_floor <= 1:
+        raise ConfigError(f"realloc_floor={settings.realloc_floor} must lie in [0, 1] (a share of the budget)")
     if settings.end_of_think == "":
         raise ConfigError("end_of_think must be a non-empty marker or null")
     params = None

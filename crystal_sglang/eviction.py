@@ -45,8 +45,6 @@ class RequestEvictor:
         device: torch.device | str = "cpu",
         layout: str = SHARED_SLOTS,
         end_of_think_ids: tuple[int, ...] = (),
-        realloc_period: int = 128,
-        realloc_floor: float = 0.25,
     ):
         self.spec = spec
         self.shape = shape
@@ -67,8 +65,6 @@ class RequestEvictor:
         self.think_end: int | None = None  # logical position where the answer starts
         self._recent_tokens: list[int] = []
         self.adaptive = layout == PER_HEAD and self.policy.reallocates
-        self.realloc_period = realloc_period
-        self.realloc_floor = realloc_floor
         self._last_realloc = 0
         self.stats = EvictionStats()
 
@@ -139,7 +135,7 @@ class RequestEvictor:
         quantize = self.policy.transforms(self.state, selection)
         if not due:
             return Decision(quantize=quantize) if quantize else None
-        if self.adaptive and self.length - self._last_realloc >= self.realloc_period:
+        if self.adaptive and self.length - self._last_realloc >= self.settings.realloc_period:
             self._reallocate(selection)
             selection.budgets = self.effective_budgets(selection.protected)
         decision = self.policy.select(self.state, selection)
@@ -164,7 +160,7 @@ class RequestEvictor:
             return
         heads = self.shape.layers * self.shape.kv_heads
         protected_count = int(selection.protected.sum(-1).max())
-        floor = max(protected_count, int(self.realloc_floor * self.budget))
+        floor = max(protected_count, int(self.settings.realloc_floor * self.budget))
         total = max(self.budget * heads, floor * heads)
         self.head_budgets = reallocate_heads(utilisation, self.head_budgets, total, floor, self.valid.sum(-1))
         self._last_realloc = self.length

@@ -7,6 +7,8 @@ slots without copying anything: whatever entry a head keeps in a slot, `keys()` 
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import json
 from dataclasses import dataclass
@@ -58,8 +60,10 @@ def make_test_spec(policy: str, budget, calibration: str | None = None, **config
 
 
 def make_evictor(spec: EvictionSpec, prompt_length: int, full_length: int, *, shape: CacheShape = SHAPE,
-                 layout: str = SHARED_SLOTS, **options) -> RequestEvictor:  # fmt: skip
-    return RequestEvictor(spec, shape, prompt_length, full_length, layout=layout, end_of_think_ids=MARKER, **options)
+                 layout: str = SHARED_SLOTS, **settings) -> RequestEvictor:  # fmt: skip
+    """An evictor for `spec`, with `settings` (e.g. realloc_period=8) replacing the spec's."""
+    spec = dataclasses.replace(spec, settings=dataclasses.replace(spec.settings, **settings))
+    return RequestEvictor(spec, shape, prompt_length, full_length, layout=layout, end_of_think_ids=MARKER)
 
 
 class KeyTable:

@@ -170,6 +170,7 @@ def test_unknown_keys_list_the_accepted_ones(policy, config, message):
         ("thinkv", {"bits_transition": 2.5}),
         ("thinkv", {"calibration": 3}),
         ("random", {"seed": "7"}),
+        ("crystal", {"realloc_period": 12.5}),
     ],
 )
 def test_wrong_types_name_the_expected_type(policy, config):
@@ -198,6 +199,8 @@ def test_wrong_types_name_the_expected_type(policy, config):
         ("crystal", {"buffer": 0}, "buffer must be at least 1 entry"),
         ("crystal", {"end_of_think": ""}, "end_of_think must be a non-empty marker or null"),
         ("random", {"seed": 10**30}, r"seed=1000000000000000000000000000000 must lie in \[0, 2\*\*63\)"),
+        ("crystal", {"realloc_period": 0}, rf"realloc_period=0 must lie in \[1, {MAX_ENTRIES}\] tokens"),
+        ("crystal", {"realloc_floor": 1.5}, r"realloc_floor=1.5 must lie in \[0, 1\] \(a share of the budget\)"),
         ("random", {"seed": -1}, r"seed=-1 must lie in \[0, 2\*\*63\)"),
         ("thinkv", {"segment": 6, "floor": 4}, "segment=6 must be at least twice floor=4"),
         ("thinkv", {"floor": 0}, r"floor=0 \(floor >= 1\)"),
