@@ -264,7 +264,7 @@ def test_nucleus_is_the_smallest_set_reaching_top_p():
 
 def test_crystal_reallocates_per_head_budgets():
     spec = make_test_spec("crystal", 12, sinks=1, window=2, buffer=2, protect_prompt=False)
-    evictor = make_evictor(spec, 4, 64, layout=PER_HEAD, realloc_period=8)
+    evictor = make_evictor(spec, 4, 64, layout=PER_HEAD, realloc_period=8, realloc_floor=0.25)
 
     def check(evictor, before, decision):
         if decision is not None:

@@ -79,7 +79,10 @@ class CrystalLite(EvictionPolicy):
         return tau * float(1 << 40) + selection.positions.to(torch.float64)
 
     def utilisation(self, state: PolicyState, step: int, valid: torch.Tensor) -> torch.Tensor:
-        return self.worth(state, step).masked_fill(~valid, 0.0).sum(-1)
+        # The stored CRF, as Algorithm 2 reads it: a frequency-weighted count (1 for an entry hit once, up to
+        # 1 / (1 - lam) for one hit every step) that stays comparable across heads. The decayed worth would rank
+        # heads by how many entries their last few nuclei covered, and starved sharp heads (measured).
+        return state.entries["crf"].masked_fill(~valid, 0.0).sum(-1)
 
 
 class Crystal(CrystalLite):
