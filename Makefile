@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.crystal-sglang-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all gpu-install fidelity fidelity-quick serving lock clean
+.PHONY: install demo test test-all gpu-install fidelity fidelity-quick serving multiturn lock clean
 
 install: $(STAMP)
 
@@ -63,6 +63,10 @@ fidelity: install $(KVPRESS_STAMP)
 serving: install
 	$(BIN)/crystal-sglang prepare-model
 	$(BIN)/python -m benchmarks.serving
+
+multiturn: install
+	$(BIN)/crystal-sglang prepare-model
+	$(BIN)/python -m benchmarks.multiturn
 
 # Re-resolve requirements/cpu.in into requirements/cpu.lock in a scratch environment.
 lock:

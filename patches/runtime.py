@@ -178,7 +178,9 @@ class EvictionRuntime:
         if freed:
             req.kv.kv_committed_len -= freed
             req.kv.kv_allocated_len -= freed
-            req.skip_radix_cache_insert = True  # the row no longer matches the token sequence
+            # The row no longer matches the token sequence, so none of it goes to the prefix cache; the prompt,
+            # cached when the prefill ended and pinned above, stays there for later requests.
+            req.skip_radix_cache_insert = True
             self.evicted_total += freed
             self._unreported = (self._unreported[0] + freed, self._unreported[1])
         return kept
