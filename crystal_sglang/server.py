@@ -14,7 +14,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-CPU_SERVER_ARGS = ("--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32")
+# --sleep-on-idle: an idle CPU scheduler otherwise busy-polls its sockets and takes a whole core from the
+# model (and from every other server on a small machine); the poll it sleeps in wakes on the next request.
+CPU_SERVER_ARGS = ("--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32",
+                   "--sleep-on-idle")
 
 
 def _terminate_with_parent() -> None:
