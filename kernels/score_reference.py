@@ -34,10 +34,28 @@ def score_reference(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """queries [B, W, Hq, d]; returns scores [B, Hkv, n_max] float32 (zero past a request's length) and sparsity
     [B, W, Hq] float32 or None. `valid` [B, Hkv, n_max] (reference path only) masks entries per head."""
-    n_max = int(seq_lens.max()) if queries.shape[0] else 0
-    slots = req_to_token[req_pool_indices.to(torch.int64)][:, :n_max].to(torch.int64)
-    keys = k_buffer[slots].permute(0, 2, 1, 3)  # [B, Hkv, n, d]
-    return score_dense(queries, keys, seq_lens, mode, sparsity_threshold, scale, valid)
+    batch, window, q_heads, _ = queries.shape
+    lengths = seq_lens.tolist()
+    n_max = max(lengths, default=0)
+    scores = torch.zeros((batch, k_buffer.shape[1], n_max), dtype=torch.float32, device=queries.device)
+    sparsity = None
+    if sparsity_threshold is not None:
+        sparsity = torch.zeros((batch, window, q_heads), dtype=torch.float32, device=queries.device)
+    rows = req_to_token[req_pool_indices.to(torch.int64)]
+    # One request at a time: its gathered keys stay in the CPU's caches, which makes this 2.5-3.5x faster than
+    # one padded batch (measured at 2K-8K entries, batch 8).
+    for b, length in enumerate(lengths):
+        if length == 0:
+            continue
+        keys = k_buffer.index_select(0, rows[b, :length].to(torch.int64)).permute(1, 0, 2).unsqueeze(0)
+        row_valid = None if valid is None else valid[b : b + 1, :, :length]
+        row_scores, row_sparsity = score_dense(
+            queries[b : b + 1], keys, seq_lens[b : b + 1], mode, sparsity_threshold, scale, row_valid
+        )
+        scores[b, :, :length] = row_scores[0]
+        if sparsity is not None:
+            sparsity[b] = row_sparsity[0]
+    return scores, sparsity
 
 
 def score_dense(

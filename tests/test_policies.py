@@ -262,6 +262,20 @@ def test_nucleus_is_the_smallest_set_reaching_top_p():
     assert nucleus(probs, 1.0).tolist() == [[True, True, True, True, False]]  # never a zero-attention entry
 
 
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), width=st.integers(1, 700), sharpness=st.floats(0.1, 8.0),
+       top_p=st.floats(0.05, 0.99))
+def test_nucleus_matches_the_full_sort(seed, width, sharpness, top_p):
+    """The widening top-k search picks the same set as sorting each whole row (rows wider than its first k)."""
+    generator = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(sharpness * torch.randn(3, 2, width, generator=generator, dtype=torch.float64), -1)
+    probs = probs.to(torch.float32)
+    ordered, order = torch.sort(probs, dim=-1, descending=True)
+    expected = torch.zeros_like(probs, dtype=torch.bool).scatter(
+        -1, order, (torch.cumsum(ordered, -1) - ordered < top_p) & (ordered > 0))
+    assert torch.equal(nucleus(probs, top_p), expected)
+
 def test_crystal_reallocates_per_head_budgets():
     spec = make_test_spec("crystal", 12, sinks=1, window=2, buffer=2, protect_prompt=False)
     evictor = make_evictor(spec, 4, 64, layout=PER_HEAD, realloc_period=8, realloc_floor=0.25)

@@ -34,12 +34,24 @@ class LRFUParams:
             raise ConfigError(f"lam={self.lam} must lie in [0, 1]")
 
 
+NUCLEUS_FIRST_K = 64  # candidates tried first; attention is peaked, so a 0.9 nucleus rarely needs more
+
+
 def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Smallest set of entries (per row) whose probabilities sum to at least `top_p`."""
-    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-    before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    hit_sorted = (before < top_p) & (sorted_probs > 0)
-    return torch.zeros_like(hit_sorted).scatter(-1, order, hit_sorted)
+    """Smallest set of entries (per row) whose probabilities sum to at least `top_p`.
+
+    Looks among the k largest entries only, widening k until every row's nucleus lies inside them (its top k
+    reach `top_p`, or the k-th is already 0): a partial top-k instead of a full sort of each row."""
+    width = probs.shape[-1]
+    k = min(width, NUCLEUS_FIRST_K)
+    while True:
+        values, order = torch.topk(probs, k, dim=-1)
+        if k == width or bool(((values.sum(-1) >= top_p) | (values[..., -1] == 0)).all()):
+            break
+        k = min(width, 4 * k)
+    before = torch.cumsum(values, dim=-1) - values
+    hit = (before < top_p) & (values > 0)
+    return torch.zeros(probs.shape, dtype=torch.bool, device=probs.device).scatter(-1, order, hit)
 
 
 class CrystalLite(EvictionPolicy):
@@ -61,9 +73,9 @@ class CrystalLite(EvictionPolicy):
         crf, tau = state.entries["crf"], state.entries["tau"]
         hit = nucleus(scores.attention.masked_fill(~valid, 0.0), self.params.top_p)
         hit &= tau < step  # an entry created this step has had its first hit already
-        decay = torch.pow(torch.tensor(self.params.lam, dtype=torch.float64), (step - tau).to(torch.float64))
-        state.entries["crf"] = torch.where(hit, decay * crf + 1.0, crf)
-        state.entries["tau"] = torch.where(hit, torch.full_like(tau, step), tau)
+        # Only the nucleus changes (a small share of the entries), so update it in place.
+        crf[hit] = crf[hit] * torch.pow(self.params.lam, (step - tau[hit]).to(torch.float64)) + 1.0
+        tau[hit] = step
 
     def worth(self, state: PolicyState, step: int) -> torch.Tensor:
         crf, tau = state.entries["crf"], state.entries["tau"]
