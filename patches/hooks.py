@@ -87,9 +87,17 @@ def forget_retracted(_result, req, *args, **kwargs) -> None:
     _runtime.forget(req)
 
 
-def bounded_admission(admission, _adder, req, *args, **kwargs):
+def bounded_admission(original, adder, req, *args, total_tokens: int, **kwargs):
+    """SGLang judges whether a newcomer fits by its prompt plus its remaining `max_new_tokens`; an evicting request
+    can only grow to its budget, so both that check and the reservation it commits count it at its bound."""
     bound = _runtime.growth_bound(req)
-    if bound is None or not hasattr(admission, "max_new_tokens") or admission.max_new_tokens <= bound:
+    if bound is None:
+        return original(adder, req, *args, total_tokens=total_tokens, **kwargs)
+    from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS  # the scheduler's module, loaded by now
+
+    reserved = min(max(req.sampling_params.max_new_tokens - len(req.output_ids), 0), CLIP_MAX_NEW_TOKENS)
+    admission = original(adder, req, *args, total_tokens=total_tokens - max(0, reserved - bound), **kwargs)
+    if not hasattr(admission, "max_new_tokens") or admission.max_new_tokens <= bound:
         return admission
     return dataclasses.replace(admission, max_new_tokens=bound)
 
@@ -145,7 +153,7 @@ RUNTIME_TARGETS = {
     "sglang.srt.managers.schedule_batch.Req.reset_for_retract": (forget_retracted, HookType.AFTER),
     "sglang.srt.managers.schedule_batch.ScheduleBatch.check_decode_mem": (relieve_before_retracting, HookType.AROUND),
     f"{_ADDER}.add_one_req": (admit_bounded_by_budget, HookType.AROUND),
-    f"{_ADDER}._select_prefill_admission": (bounded_admission, HookType.AFTER),
+    f"{_ADDER}._select_prefill_admission": (bounded_admission, HookType.AROUND),
     f"{_ADDER}._get_running_request_total_token_offset": (bounded_running_offset, HookType.AROUND),
     f"{_STREAMER}.build_additional_customized_info": (eviction_meta_info, HookType.REPLACE),
     f"{_STREAMER}.is_request_level_customized_info_key": (eviction_info_is_per_request, HookType.REPLACE),
