@@ -6,7 +6,7 @@ full-length requests. Per policy: output tokens/s, completed requests, peak runn
 step against context length: one batch of requests whose prompts fill the context, decoded with `none` and with
 the policy at a budget above the length (scoring and bookkeeping only, no eviction), per-token latency compared.
 
-    python -m benchmarks.serving [--quick] [--policies crystal,rkv] [--gpu]
+    python -m benchmarks.serving [--quick] [--policies crystal,rkv] [--contexts 1024,2048] [--gpu]
 """
 
 from __future__ import annotations
@@ -112,11 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", default="crystal", help="comma-separated policies compared with none")
     parser.add_argument("--budget", default="128")
     parser.add_argument("--gpu", action="store_true", help="FlashInfer and compiled Triton instead of CPU args")
+    parser.add_argument("--contexts", help="comma-separated context lengths of the overhead sweep "
+                                           "(default 1024,2048 quick, 1024-8192 full)")
     parser.add_argument("--out", default="results/serving")
     args = parser.parse_args(argv)
 
     requests, new_tokens = (8, 192) if args.quick else (16, 512)
     contexts = [1024, 2048] if args.quick else [1024, 2048, 4096, 8192]
+    if args.contexts:
+        contexts = [int(context) for context in args.contexts.split(",")]
     overhead_batch = 4 if args.quick else 8
     model = prepare_default_model()
     from transformers import AutoTokenizer
@@ -133,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     policies = ["none", *[p for p in args.policies.split(",") if p and p != "none"]]
     report = {"requests": requests, "new_tokens": new_tokens, "pool_tokens": pool, "budget": args.budget,
               "capacity": {}, "overhead": {}}
+    report_path = out / ("serving-quick.json" if args.quick else "serving.json")
+
+    def save() -> None:  # after every measurement, so that a stopped run keeps what it measured
+        report_path.write_text(json.dumps(report, indent=1))
 
     for policy in tqdm(policies, desc="capacity (one server per policy)", unit="server"):
         log = out / f"server-{policy}.log"
@@ -143,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             result["leaked_slots"] = server.pool_used()  # the workload drained: the pool must be empty again
         result["retractions"] = sum(int(n) for n in RETRACTED.findall(log.read_text()))
         report["capacity"][policy] = result
+        save()
         print(f"{policy:>14}: {result['output_tok_per_s']:.1f} tok/s, peak running {result['peak_running']}, "
               f"retractions {result['retractions']}, TTFT p50 {result['ttft_p50']:.2f} s, "
               f"ITL p50 {result['itl_p50'] * 1000:.0f} ms, leaked slots {result['leaked_slots']}", flush=True)
@@ -158,13 +167,12 @@ def main(argv: list[str] | None = None) -> int:
             base = step_latency(server, ids, overhead_batch, 24, {"kv_evict": "none"})
             scored = step_latency(server, ids, overhead_batch, 24, None)
             report["overhead"][str(context)] = {"none_s": base, "policy_s": scored, "share": scored / base - 1}
+            save()
             print(f"context {context}: none {base * 1000:.0f} ms/step, {policy} {scored * 1000:.0f} ms/step "
                   f"(overhead {100 * (scored / base - 1):+.1f} %)", flush=True)
 
-    name = "serving-quick" if args.quick else "serving"
-    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
-    plot(report, out / f"{name}.png")
-    print(f"wrote {out / name}.json and .png")
+    plot(report, report_path.with_suffix(".png"))
+    print(f"wrote {report_path} and its .png")
     return 0
 
 
