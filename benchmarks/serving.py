@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", default="crystal", help="comma-separated policies compared with none")
     parser.add_argument("--budget", default="128")
     parser.add_argument("--gpu", action="store_true", help="FlashInfer and compiled Triton instead of CPU args")
+    parser.add_argument("--only", choices=("capacity", "overhead"), help="run one part of the benchmark")
     parser.add_argument("--contexts", help="comma-separated context lengths of the overhead sweep "
                                            "(default 1024,2048 quick, 1024-8192 full)")
     parser.add_argument("--out", default="results/serving")
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:  # after every measurement, so that a stopped run keeps what it measured
         report_path.write_text(json.dumps(report, indent=1))
 
-    for policy in tqdm(policies, desc="capacity (one server per policy)", unit="server"):
+    for policy in tqdm(policies if args.only != "overhead" else [], desc="capacity (one server per policy)",
+                       unit="server"):
         log = out / f"server-{policy}.log"
         server_args = [*device, "--max-total-tokens", str(pool), "--kv-evict", policy,
                        "--kv-evict-budget", args.budget, "--disable-radix-cache"]
@@ -156,20 +158,21 @@ def main(argv: list[str] | None = None) -> int:
               f"retractions {result['retractions']}, TTFT p50 {result['ttft_p50']:.2f} s, "
               f"ITL p50 {result['itl_p50'] * 1000:.0f} ms, leaked slots {result['leaked_slots']}", flush=True)
 
-    policy = policies[1] if len(policies) > 1 else "crystal"
-    long_pool = overhead_batch * (max(contexts) + 64) + 64
-    server_args = [*device, "--max-total-tokens", str(long_pool), "--kv-evict", policy, "--kv-evict-budget",
-                   str(max(contexts) * 2), "--disable-radix-cache", "--context-length", str(max(contexts))]
-    filler = tokenizer(" ".join(load_problems()) * 200)["input_ids"]
-    with SGLangServer(model, server_args, log_path=out / "server-overhead.log") as server:
-        for context in tqdm(contexts, desc="overhead vs context", unit="context"):
-            ids = filler[: context - 32 + overhead_batch]  # room for the generated tokens
-            base = step_latency(server, ids, overhead_batch, 24, {"kv_evict": "none"})
-            scored = step_latency(server, ids, overhead_batch, 24, None)
-            report["overhead"][str(context)] = {"none_s": base, "policy_s": scored, "share": scored / base - 1}
-            save()
-            print(f"context {context}: none {base * 1000:.0f} ms/step, {policy} {scored * 1000:.0f} ms/step "
-                  f"(overhead {100 * (scored / base - 1):+.1f} %)", flush=True)
+    if args.only != "capacity":
+        policy = policies[1] if len(policies) > 1 else "crystal"
+        long_pool = overhead_batch * (max(contexts) + 64) + 64
+        server_args = [*device, "--max-total-tokens", str(long_pool), "--kv-evict", policy, "--kv-evict-budget",
+                       str(max(contexts) * 2), "--disable-radix-cache", "--context-length", str(max(contexts))]
+        filler = tokenizer(" ".join(load_problems()) * 200)["input_ids"]
+        with SGLangServer(model, server_args, log_path=out / "server-overhead.log") as server:
+            for context in tqdm(contexts, desc="overhead vs context", unit="context"):
+                ids = filler[: context - 32 + overhead_batch]  # room for the generated tokens
+                base = step_latency(server, ids, overhead_batch, 24, {"kv_evict": "none"})
+                scored = step_latency(server, ids, overhead_batch, 24, None)
+                report["overhead"][str(context)] = {"none_s": base, "policy_s": scored, "share": scored / base - 1}
+                save()
+                print(f"context {context}: none {base * 1000:.0f} ms/step, {policy} {scored * 1000:.0f} ms/step "
+                      f"(overhead {100 * (scored / base - 1):+.1f} %)", flush=True)
 
     plot(report, report_path.with_suffix(".png"))
     print(f"wrote {report_path} and its .png")
