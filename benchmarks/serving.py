@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     policies = ["none", *[p for p in args.policies.split(",") if p and p != "none"]]
     report = {"requests": requests, "new_tokens": new_tokens, "pool_tokens": pool, "budget": args.budget,
               "capacity": {}, "overhead": {}}
-    report_path = out / ("serving-quick.json" if args.quick else "serving.json")
+    name = "serving" + ("-quick" if args.quick else "") + (f"-{args.only}" if args.only else "")
+    report_path = out / f"{name}.json"
 
     def save() -> None:  # after every measurement, so that a stopped run keeps what it measured
         report_path.write_text(json.dumps(report, indent=1))
