@@ -186,20 +186,24 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    capacity = report["capacity"]
+    capacity, overhead = report["capacity"], report["overhead"]
     names = list(capacity)
     metrics = [("output_tok_per_s", "output tok/s"), ("peak_running", "peak running requests"),
                ("retractions", "retractions"), ("ttft_p50", "TTFT p50 (s)"), ("itl_p50", "per-token p50 (s)")]
-    figure, axes = plt.subplots(1, len(metrics) + 1, figsize=(4 * (len(metrics) + 1), 3.5))
-    for axis, (key, label) in zip(axes, metrics):
+    metrics = metrics if capacity else []  # a partial run (--only) plots its own part
+    panels = len(metrics) + bool(overhead)
+    figure, axes = plt.subplots(1, panels, figsize=(4 * panels, 3.5), squeeze=False)
+    for axis, (key, label) in zip(axes[0], metrics):
         axis.bar(names, [capacity[name][key] for name in names], color=["grey", *["tab:blue"] * (len(names) - 1)])
         axis.set_title(label)
-    contexts = list(report["overhead"])
-    axes[-1].plot([int(c) for c in contexts], [100 * report["overhead"][c]["share"] for c in contexts], "o-")
-    axes[-1].set_xlabel("context (entries)")
-    axes[-1].set_title("policy overhead per step (%)")
-    figure.suptitle(f"{report['requests']} requests x {report['new_tokens']} tokens, pool {report['pool_tokens']} "
-                    f"tokens, budget {report['budget']}")
+    if overhead:
+        axis = axes[0][-1]
+        axis.plot([int(c) for c in overhead], [100 * overhead[c]["share"] for c in overhead], "o-")
+        axis.set_xlabel("context (entries)")
+        axis.set_title("policy overhead per step (%)")
+    if capacity:
+        figure.suptitle(f"{report['requests']} requests x {report['new_tokens']} tokens, pool "
+                        f"{report['pool_tokens']} tokens, budget {report['budget']}")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
