@@ -60,6 +60,8 @@ CPU_CASES.update({
     "strided-views": _case([75, 40], 3, 6, 3, 64, strided=True, mode="max_logit", threshold=0.02, valid=True),
     "empty-requests": _case([0, 0], 2, 4, 2, 64),  # no sparsity: the reference's amax fails over zero entries
     "some-empty-requests": _case([0, 66], 2, 4, 2, 64, threshold=0.02, valid=True),
+    "long-rows-mean": _case([400, 0, 131], 2, 6, 2, 64, threshold=0.02, valid=True),  # per-request reference
+    "long-rows-max_logit": _case([7, 390], 1, 4, 1, 64, mode="max_logit", threshold=0.02),
 })
 
 
@@ -172,6 +174,19 @@ def test_interpreted_kernel_matches_reference(interpreted_outcomes, case_name):
     if failure:
         pytest.fail(failure, pytrace=False)
 
+
+@pytest.mark.parametrize("case_name", ["long-rows-mean", "long-rows-max_logit", "gqa3-w3-d96-max_logit-sparsity+valid"])
+def test_reference_per_request_equals_padded_batch(monkeypatch, case_name):
+    """The reference scores long rows one request at a time and short ones as one padded batch: same results."""
+    reference = importlib.import_module("crystal_sglang.kernels.score_reference")
+    inputs = make_inputs(CPU_CASES[case_name])
+    monkeypatch.setattr(reference, "PER_REQUEST_FROM", 0)
+    per_request = reference.score_reference(**inputs)
+    monkeypatch.setattr(reference, "PER_REQUEST_FROM", 1 << 30)
+    padded = reference.score_reference(**inputs)
+    torch.testing.assert_close(per_request[0], padded[0], rtol=1e-5, atol=1e-7)
+    if padded[1] is not None:
+        torch.testing.assert_close(per_request[1], padded[1])
 
 def test_extract_scores_dispatch(monkeypatch):
     """CPU tensors go to the reference unless TRITON_INTERPRET=1; then (or on CUDA) to the kernel."""
