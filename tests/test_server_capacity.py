@@ -10,7 +10,7 @@ import pytest
 
 from crystal_sglang.server import SGLangServer
 from tests.conftest import cpu_server_args
-from tests.test_server_eviction import DEBUG, PROMPT_IDS, generate
+from tests.test_server_eviction import DEBUG, PROMPT_IDS, SNAPSHOT_EVERY_BATCH, generate
 
 pytestmark = pytest.mark.server
 
@@ -24,10 +24,10 @@ CONCURRENT = 6
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, server_log_dir):
     args = cpu_server_args("--kv-evict", "crystal", "--kv-evict-budget", str(BUDGET), "--disable-radix-cache",
-                           max_total_tokens=POOL)
+                           *SNAPSHOT_EVERY_BATCH, max_total_tokens=POOL)
     with SGLangServer(tiny_model_dir, args, log_path=server_log_dir / "capacity.log", env=DEBUG) as running:
         yield running
-        assert running.pool_used() == 0, "slots leaked: the pool did not return to empty"
+        assert running.pool_used_when_drained() == 0, "slots leaked: the pool did not return to empty"
 
 
 def peak_running(server, custom_params: dict) -> tuple[int, list[dict]]:
@@ -63,4 +63,4 @@ def test_bounded_requests_run_together_where_full_ones_queue(server):
     for reply in full_replies + bounded_replies:
         assert reply["meta_info"]["completion_tokens"] == NEW_TOKENS
     assert all(reply["output_ids"] == bounded_replies[0]["output_ids"] for reply in bounded_replies)
-    assert server.pool_used() == 0
+    assert server.pool_used_when_drained() == 0
