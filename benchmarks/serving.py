@@ -144,13 +144,27 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:  # after every measurement, so that a stopped run keeps what it measured
         report_path.write_text(json.dumps(report, indent=1))
 
-    for policy in tqdm(policies if args.only != "overhead" else [], desc="capacity (one server per policy)",
-                       unit="server"):
+    if args.only != "overhead":
+        measure_capacity(report, save, model, device, policies, prompts, out)
+    if args.only != "capacity":
+        policy = policies[1] if len(policies) > 1 else "crystal"
+        filler = tokenizer(" ".join(load_problems()) * 200)["input_ids"]
+        measure_overhead(report, save, model, device, policy, filler, contexts, overhead_batch, out)
+
+    plot(report, report_path.with_suffix(".png"))
+    print(f"wrote {report_path} and its .png")
+    return 0
+
+
+def measure_capacity(report: dict, save, model, device: list[str], policies: list[str], prompts: list[str],
+                     out: Path) -> None:
+    """One server per policy, same pool and workload: report["capacity"][policy]."""
+    for policy in tqdm(policies, desc="capacity (one server per policy)", unit="server"):
         log = out / f"server-{policy}.log"
-        server_args = [*device, "--max-total-tokens", str(pool), "--kv-evict", policy,
-                       "--kv-evict-budget", args.budget, "--disable-radix-cache"]
+        server_args = [*device, "--max-total-tokens", str(report["pool_tokens"]), "--kv-evict", policy,
+                       "--kv-evict-budget", report["budget"], "--disable-radix-cache"]
         with SGLangServer(model, server_args, log_path=log) as server:
-            result = run_workload(server, prompts, new_tokens)
+            result = run_workload(server, prompts, report["new_tokens"])
             result["leaked_slots"] = server.pool_used()  # the workload drained: the pool must be empty again
         result["retractions"] = sum(int(n) for n in RETRACTED.findall(log.read_text()))
         report["capacity"][policy] = result
@@ -159,25 +173,22 @@ def main(argv: list[str] | None = None) -> int:
               f"retractions {result['retractions']}, TTFT p50 {result['ttft_p50']:.2f} s, "
               f"ITL p50 {result['itl_p50'] * 1000:.0f} ms, leaked slots {result['leaked_slots']}", flush=True)
 
-    if args.only != "capacity":
-        policy = policies[1] if len(policies) > 1 else "crystal"
-        long_pool = overhead_batch * (max(contexts) + 64) + 64
-        server_args = [*device, "--max-total-tokens", str(long_pool), "--kv-evict", policy, "--kv-evict-budget",
-                       str(max(contexts) * 2), "--disable-radix-cache", "--context-length", str(max(contexts))]
-        filler = tokenizer(" ".join(load_problems()) * 200)["input_ids"]
-        with SGLangServer(model, server_args, log_path=out / "server-overhead.log") as server:
-            for context in tqdm(contexts, desc="overhead vs context", unit="context"):
-                ids = filler[: context - 32 + overhead_batch]  # room for the generated tokens
-                base = step_latency(server, ids, overhead_batch, 24, {"kv_evict": "none"})
-                scored = step_latency(server, ids, overhead_batch, 24, None)
-                report["overhead"][str(context)] = {"none_s": base, "policy_s": scored, "share": scored / base - 1}
-                save()
-                print(f"context {context}: none {base * 1000:.0f} ms/step, {policy} {scored * 1000:.0f} ms/step "
-                      f"(overhead {100 * (scored / base - 1):+.1f} %)", flush=True)
 
-    plot(report, report_path.with_suffix(".png"))
-    print(f"wrote {report_path} and its .png")
-    return 0
+def measure_overhead(report: dict, save, model, device: list[str], policy: str, filler: list[int],
+                     contexts: list[int], batch: int, out: Path) -> None:
+    """Per-token latency with `none` and with `policy` (no eviction) at each context: report["overhead"]."""
+    longest = max(contexts)
+    server_args = [*device, "--max-total-tokens", str(batch * (longest + 64) + 64), "--kv-evict", policy,
+                   "--kv-evict-budget", str(longest * 2), "--disable-radix-cache", "--context-length", str(longest)]
+    with SGLangServer(model, server_args, log_path=out / "server-overhead.log") as server:
+        for context in tqdm(contexts, desc="overhead vs context", unit="context"):
+            ids = filler[: context - 32 + batch]  # room for the generated tokens
+            base = step_latency(server, ids, batch, 24, {"kv_evict": "none"})
+            scored = step_latency(server, ids, batch, 24, None)
+            report["overhead"][str(context)] = {"none_s": base, "policy_s": scored, "share": scored / base - 1}
+            save()
+            print(f"context {context}: none {base * 1000:.0f} ms/step, {policy} {scored * 1000:.0f} ms/step "
+                  f"(overhead {100 * (scored / base - 1):+.1f} %)", flush=True)
 
 
 def plot(report: dict, path: Path) -> None:
@@ -190,7 +201,7 @@ def plot(report: dict, path: Path) -> None:
     names = list(capacity)
     metrics = [("output_tok_per_s", "output tok/s"), ("peak_running", "peak running requests"),
                ("retractions", "retractions"), ("ttft_p50", "TTFT p50 (s)"), ("itl_p50", "per-token p50 (s)")]
-    metrics = metrics if capacity else []  # a partial run (--only) plots its own part
+    metrics = metrics if capacity else []  # a partial run (--only) plots only its own part
     panels = len(metrics) + bool(overhead)
     figure, axes = plt.subplots(1, panels, figsize=(4 * panels, 3.5), squeeze=False)
     for axis, (key, label) in zip(axes[0], metrics):

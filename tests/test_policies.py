@@ -262,7 +262,6 @@ def test_nucleus_is_the_smallest_set_reaching_top_p():
     assert nucleus(probs, 1.0).tolist() == [[True, True, True, True, False]]  # never a zero-attention entry
 
 
-
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), width=st.integers(1, 700), sharpness=st.floats(0.1, 8.0),
        top_p=st.floats(0.05, 0.99))
@@ -275,6 +274,7 @@ def test_nucleus_matches_the_full_sort(seed, width, sharpness, top_p):
     expected = torch.zeros_like(probs, dtype=torch.bool).scatter(
         -1, order, (torch.cumsum(ordered, -1) - ordered < top_p) & (ordered > 0))
     assert torch.equal(nucleus(probs, top_p), expected)
+
 
 def test_crystal_reallocates_per_head_budgets():
     spec = make_test_spec("crystal", 12, sinks=1, window=2, buffer=2, protect_prompt=False)

@@ -175,7 +175,9 @@ def test_interpreted_kernel_matches_reference(interpreted_outcomes, case_name):
         pytest.fail(failure, pytrace=False)
 
 
-@pytest.mark.parametrize("case_name", ["long-rows-mean", "long-rows-max_logit", "gqa3-w3-d96-max_logit-sparsity+valid"])
+@pytest.mark.parametrize(
+    "case_name", ["long-rows-mean", "long-rows-max_logit", "gqa3-w3-d96-max_logit-sparsity+valid"]
+)
 def test_reference_per_request_equals_padded_batch(monkeypatch, case_name):
     """The reference scores long rows one request at a time and short ones as one padded batch: same results."""
     reference = importlib.import_module("crystal_sglang.kernels.score_reference")
@@ -187,6 +189,7 @@ def test_reference_per_request_equals_padded_batch(monkeypatch, case_name):
     torch.testing.assert_close(per_request[0], padded[0], rtol=1e-5, atol=1e-7)
     if padded[1] is not None:
         torch.testing.assert_close(per_request[1], padded[1])
+
 
 def test_extract_scores_dispatch(monkeypatch):
     """CPU tensors go to the reference unless TRITON_INTERPRET=1; then (or on CUDA) to the kernel."""
