@@ -124,7 +124,11 @@ class RequestEvictor:
         if not self.policy.evicts:
             return False
         held = self.valid.sum(-1)
-        return bool((held - self.effective_budgets()).max() > self.settings.buffer) or self.policy.pending(self.state)
+        # Effective budgets are never below the head budgets, so most steps are settled without the protection mask.
+        over = bool((held - self.head_budgets).max() > self.settings.buffer) and bool(
+            (held - self.effective_budgets()).max() > self.settings.buffer
+        )
+        return over or self.policy.pending(self.state)
 
     def decide(self, context: SelectionContext | None = None) -> Decision | None:
         """This step's quantization orders and, when due, the eviction; None when there is nothing to do."""
