@@ -7,14 +7,16 @@ does, a leaf under the prompt. The conversation then continues with a short scri
 prompt carries the answer but not the think block, as reasoning chat templates build it. Turns are replayed
 round-robin over the conversations (users take turns), one request at a time, so every policy sees the same
 sequence of cache operations. Every policy runs on its own fresh server with the same small pool (every
-conversation's history plus about one turn's reasoning), policies alternated round by round.
+conversation's history plus about one turn's reasoning), policies alternated round by round. Every policy runs on
+the same radix tree core (`--tree-core`, default python: `crystal` needs it), so throughput compares like with like.
 
 Per policy: prefix-cache hit rate of the turn prompts (`cached_tokens` / prompt tokens, from meta_info), the share
 of the reusable history that hit (an unbounded cache's hits), tokens recomputed, time to first token and prompt
 throughput, turns per second, and the memory the cache holds usefully at the end: how much of every
 conversation's last prompt is still cached.
 
-    python -m benchmarks.multiturn [--quick] [--policies lru,lfu,crystal] [--rounds N] [--out results/multiturn]
+    python -m benchmarks.multiturn [--quick] [--policies lru,lfu,crystal] [--rounds N] [--tree-core python|rust]
+                                   [--out results/multiturn]
 """
 
 from __future__ import annotations
@@ -163,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="policy alternations (default: 1 quick, 2 full)")
     parser.add_argument("--model", help="model folder (default: the prepared SmolLM2-135M-Instruct)")
     parser.add_argument("--gpu", action="store_true", help="FlashInfer and compiled Triton instead of CPU args")
+    parser.add_argument("--tree-core", choices=("python", "rust"), default="python",
+                        help="radix tree core for every policy (crystal always takes python)")
     parser.add_argument("--out", default="results/multiturn")
     args = parser.parse_args(argv)
 
@@ -177,16 +181,19 @@ def main(argv: list[str] | None = None) -> int:
     device = [] if args.gpu else list(CPU_SERVER_ARGS)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"model": Path(model).name, **mode, "pool_tokens": pool, "runs": {p: [] for p in policies}}
+    report = {"model": Path(model).name, **mode, "pool_tokens": pool, "tree_core": args.tree_core,
+              "runs": {p: [] for p in policies}}
     print(f"{mode['conversations']} conversations x {mode['turns']} turns, {mode['think_tokens']} reasoning tokens "
-          f"per turn, pool {pool} tokens; {', '.join(policies)} alternated over {mode['rounds']} round(s)", flush=True)
+          f"per turn, pool {pool} tokens; {', '.join(policies)} alternated over {mode['rounds']} round(s), "
+          f"{args.tree_core} tree core", flush=True)
 
     for round_index in range(mode["rounds"]):
         for policy in policies:
             label = f"round {round_index + 1} {policy}"
             server_args = [*device, "--max-total-tokens", str(pool), "--radix-eviction-policy", policy,
                            "--log-level", "info"]
-            with SGLangServer(model, server_args, log_path=out / f"server-{policy}.log") as server:
+            with SGLangServer(model, server_args, log_path=out / f"server-{policy}.log",
+                              env={"SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND": args.tree_core}) as server:
                 records = replay(server, prompts, mode["think_tokens"], label)
                 held = history_held(server, prompts)
             summary = summarize(records, held, prompts, pool)
