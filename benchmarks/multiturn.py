@@ -258,7 +258,7 @@ def plot(report: dict, path: Path) -> None:
     axes[-1].legend()
     figure.suptitle(f"{report['model']}: {report['conversations']} conversations x {turns} turns, "
                     f"{report['think_tokens']} reasoning tokens per turn, pool {report['pool_tokens']} tokens, "
-                    f"{report['rounds']} round(s)")
+                    f"{report['rounds']} round(s), {report['tree_core']} tree core")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
