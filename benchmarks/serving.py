@@ -5,8 +5,11 @@ full-length requests. Per policy: output tokens/s, completed requests, peak runn
 `/v1/loads`), retractions (the scheduler's log), TTFT and per-token latency. Then the policy overhead per decode
 step against context length: one batch of requests whose prompts fill the context, decoded with `none` and with
 the policy at a budget above the length (scoring and bookkeeping only, no eviction), per-token latency compared.
+Last, `--kv-evict none` against stock SGLang (this package's plugin not loaded: SGLang's `SGLANG_PLUGINS`
+whitelist leaves it out), fresh servers alternated, per-token latency at 2K context.
 
     python -m benchmarks.serving [--quick] [--policies crystal,rkv] [--contexts 1024,2048] [--gpu]
+                                 [--only capacity|overhead|stock]
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from crystal_sglang.prompts import chat_messages, load_problems
 from crystal_sglang.server import CPU_SERVER_ARGS, SGLangServer
 
 RETRACTED = re.compile(r"#retracted_reqs: (\d+)")
+STOCK_ENV = {"SGLANG_PLUGINS": "stock"}  # a plugin whitelist that leaves crystal-sglang's plugin out
+STOCK_CONTEXT = 2048
 
 
 def stream_one(base_url: str, payload: dict) -> dict:
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", default="crystal", help="comma-separated policies compared with none")
     parser.add_argument("--budget", default="128")
     parser.add_argument("--gpu", action="store_true", help="FlashInfer and compiled Triton instead of CPU args")
-    parser.add_argument("--only", choices=("capacity", "overhead"), help="run one part of the benchmark")
+    parser.add_argument("--only", choices=("capacity", "overhead", "stock"), help="run one part of the benchmark")
     parser.add_argument("--contexts", help="comma-separated context lengths of the overhead sweep "
                                            "(default 1024,2048 quick, 1024-8192 full)")
     parser.add_argument("--out", default="results/serving")
@@ -137,19 +142,21 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     policies = ["none", *[p for p in args.policies.split(",") if p and p != "none"]]
     report = {"requests": requests, "new_tokens": new_tokens, "pool_tokens": pool, "budget": args.budget,
-              "capacity": {}, "overhead": {}}
+              "capacity": {}, "overhead": {}, "stock": {}}
     name = "serving" + ("-quick" if args.quick else "") + (f"-{args.only}" if args.only else "")
     report_path = out / f"{name}.json"
 
     def save() -> None:  # after every measurement, so that a stopped run keeps what it measured
         report_path.write_text(json.dumps(report, indent=1))
 
-    if args.only != "overhead":
+    filler = tokenizer(" ".join(load_problems()) * 200)["input_ids"]
+    if args.only in (None, "capacity"):
         measure_capacity(report, save, model, device, policies, prompts, out)
-    if args.only != "capacity":
+    if args.only in (None, "overhead"):
         policy = policies[1] if len(policies) > 1 else "crystal"
-        filler = tokenizer(" ".join(load_problems()) * 200)["input_ids"]
         measure_overhead(report, save, model, device, policy, filler, contexts, overhead_batch, out)
+    if args.only in (None, "stock"):
+        measure_stock(report, save, model, device, filler, overhead_batch, 2 if args.quick else 3, out)
 
     plot(report, report_path.with_suffix(".png"))
     print(f"wrote {report_path} and its .png")
@@ -191,27 +198,63 @@ def measure_overhead(report: dict, save, model, device: list[str], policy: str, 
                   f"(overhead {100 * (scored / base - 1):+.1f} %)", flush=True)
 
 
+def measure_stock(report: dict, save, model, device: list[str], filler: list[int], batch: int, rounds: int,
+                  out: Path) -> None:
+    """Per-token latency at 2K context of `--kv-evict none` and of stock SGLang, a fresh server each, alternated
+    over `rounds`: report["stock"]. The CPU support shim runs in both (stock SGLang does not start here without it)."""
+    ids = filler[: STOCK_CONTEXT - 32 + batch]
+    server_args = [*device, "--max-total-tokens", str(batch * (STOCK_CONTEXT + 64) + 64), "--disable-radix-cache",
+                   "--context-length", str(STOCK_CONTEXT)]  # fmt: skip
+    variants = {"stock": ([], STOCK_ENV), "none": (["--kv-evict", "none"], None)}
+    samples: dict[str, list[float]] = {kind: [] for kind in variants}
+    for _ in tqdm(range(rounds), desc="--kv-evict none vs stock SGLang", unit="round"):
+        for kind, (flags, env) in variants.items():
+            log = out / f"server-{kind}.log"
+            with SGLangServer(model, [*server_args, *flags], log_path=log, env=env) as server:
+                if server.runs_crystal_plugin() != (kind == "none"):
+                    raise RuntimeError(f"the {kind} server has the plugin {'missing' if kind == 'none' else 'loaded'}")
+                step_latency(server, ids, batch, 4, None)  # warm-up
+                samples[kind].append(step_latency(server, ids, batch, 24, None))
+    stock, none = statistics.median(samples["stock"]), statistics.median(samples["none"])
+    report["stock"] = {"context": STOCK_CONTEXT, "batch": batch, "stock_s": samples["stock"],
+                       "none_s": samples["none"], "share": none / stock - 1}  # fmt: skip
+    save()
+    print(f"--kv-evict none {none * 1000:.1f} ms/step vs stock SGLang {stock * 1000:.1f} ms/step "
+          f"({100 * (none / stock - 1):+.1f} %; per round: {[round(v * 1000, 1) for v in samples['none']]} vs "
+          f"{[round(v * 1000, 1) for v in samples['stock']]} ms)", flush=True)
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    capacity, overhead = report["capacity"], report["overhead"]
+    capacity, overhead, stock = report["capacity"], report["overhead"], report["stock"]
     names = list(capacity)
     metrics = [("output_tok_per_s", "output tok/s"), ("peak_running", "peak running requests"),
                ("retractions", "retractions"), ("ttft_p50", "TTFT p50 (s)"), ("itl_p50", "per-token p50 (s)")]
     metrics = metrics if capacity else []  # a partial run (--only) plots only its own part
-    panels = len(metrics) + bool(overhead)
+    panels = len(metrics) + bool(overhead) + bool(stock)
     figure, axes = plt.subplots(1, panels, figsize=(4 * panels, 3.5), squeeze=False)
     for axis, (key, label) in zip(axes[0], metrics):
         axis.bar(names, [capacity[name][key] for name in names], color=["grey", *["tab:blue"] * (len(names) - 1)])
         axis.set_title(label)
     if overhead:
-        axis = axes[0][-1]
+        axis = axes[0][len(metrics)]
         axis.plot([int(c) for c in overhead], [100 * overhead[c]["share"] for c in overhead], "o-")
         axis.set_xlabel("context (entries)")
         axis.set_title("policy overhead per step (%)")
+    if stock:
+        axis = axes[0][-1]
+        kinds = ["stock", "none"]
+        medians = [1000 * statistics.median(stock[f"{kind}_s"]) for kind in kinds]
+        axis.bar(["stock SGLang", "--kv-evict none"], medians, color=["grey", "tab:blue"], alpha=0.6)
+        for index, kind in enumerate(kinds):
+            values = [1000 * v for v in stock[f"{kind}_s"]]
+            axis.scatter([index] * len(values), values, color="black", s=12, zorder=3)
+        axis.set_ylabel("ms per token (median; dots: one server each)")
+        axis.set_title(f"plugin loaded, eviction off: {100 * stock['share']:+.1f} %")
     if capacity:
         figure.suptitle(f"{report['requests']} requests x {report['new_tokens']} tokens, pool "
                         f"{report['pool_tokens']} tokens, budget {report['budget']}")

@@ -119,6 +119,18 @@ class SGLangServer:
             raise ServerError(f"{path} answered {error.code}: {error.read().decode(errors='replace')}",
                               status=error.code) from error
 
+    def runs_crystal_plugin(self) -> bool:
+        """True when crystal-sglang's plugin is loaded: whatever `--kv-evict`, it refuses (HTTP 400) an eviction
+        parameter it does not know, where stock SGLang ignores `custom_params` that no logit processor reads."""
+        probe = {"input_ids": [1], "sampling_params": {"max_new_tokens": 1, "custom_params": {"kv_probe": 1}}}
+        try:
+            self.post("/generate", probe)
+        except ServerError as error:
+            if error.status == 400:
+                return True
+            raise
+        return False
+
     def get(self, path: str, timeout: float = 60.0) -> dict | str:
         with urllib.request.urlopen(self.base_url + path, timeout=timeout) as response:
             body = response.read().decode()

@@ -58,3 +58,23 @@ def test_greedy_output_equals_transformers(request, model_fixture, server_log_di
     expected_text = AutoTokenizer.from_pretrained(model_dir).decode(expected, skip_special_tokens=True)
     assert chat.choices[0].message.content == expected_text
     assert chat.usage.prompt_tokens == len(input_ids)
+
+
+def test_kv_evict_none_answers_as_stock_sglang(tiny_model_dir, server_log_dir):
+    """With the plugin loaded and eviction off, every response equals stock SGLang's (plugin left out through
+    SGLang's `SGLANG_PLUGINS` whitelist): token ids, text, log-probabilities and the meta info's keys."""
+    prompts = [[1, 5, 9, 14, 2], [3, 3, 8, 21, 34, 55, 1, 7], list(range(2, 40))]
+    payload = {"input_ids": prompts, "return_logprob": True, "top_logprobs_num": 2,
+               "sampling_params": {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}}  # fmt: skip
+    answers = {}
+    for kind, flags, env in (("stock", [], {"SGLANG_PLUGINS": "stock"}), ("none", ["--kv-evict", "none"], None)):
+        log = server_log_dir / f"parity-{kind}.log"
+        with SGLangServer(tiny_model_dir, cpu_server_args(*flags), log_path=log, env=env) as server:
+            answers[kind] = server.post("/generate", payload)
+            assert server.runs_crystal_plugin() == (kind == "none")
+    for stock, none in zip(answers["stock"], answers["none"], strict=True):
+        assert none["output_ids"] == stock["output_ids"]
+        assert none["text"] == stock["text"]
+        for key in ("input_token_logprobs", "output_token_logprobs", "output_top_logprobs"):
+            assert none["meta_info"][key] == stock["meta_info"][key], key
+        assert set(none["meta_info"]) == set(stock["meta_info"])

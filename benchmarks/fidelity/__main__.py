@@ -54,6 +54,9 @@ def parse_args() -> argparse.Namespace:
                         "(default: 2 x new tokens)")  # fmt: skip
     parser.add_argument("--protect-prompt", action="store_true",
                         help="keep the policies' default of never evicting the prompt (kvpress does evict it)")
+    parser.add_argument("--config", type=json.loads, default={},
+                        help='settings and parameters for every policy run, as in --kv-evict-config (JSON), '
+                             'e.g. \'{"realloc_period": 32}\' with --policies crystal')
     parser.add_argument("--no-kvpress", action="store_true", help="skip the kvpress peer")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = parser.parse_args()
@@ -201,7 +204,7 @@ def main() -> None:
     model_path = prepare_default_model()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    settings = {} if args.protect_prompt else {"protect_prompt": False}
+    settings = {**({} if args.protect_prompt else {"protect_prompt": False}), **args.config}
     end_of_think_ids = tuple(tokenizer.encode("</think>", add_special_tokens=False))
     problems = load_problems(args.problems, args.prompts)
     protocols = {}
@@ -226,7 +229,8 @@ def main() -> None:
         "instruction": INSTRUCTION,
         "new_tokens": args.new_tokens,
         "budgets": args.budgets,
-        "eviction_settings": {"protect_prompt": args.protect_prompt, "sinks": 4, "window": 8, "buffer": 16},
+        "eviction_settings": {"protect_prompt": args.protect_prompt, "sinks": 4, "window": 8, "buffer": 16,
+                              **args.config},
         "settings_note": ("every entry counts toward the budget, prompt included, as in kvpress (`protect_prompt` off; "
                           "sinks 4, window 8, buffer 16)" if not args.protect_prompt else
                           "policies keep their default of never evicting the prompt"),
