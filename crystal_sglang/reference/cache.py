@@ -1,11 +1,12 @@
 """The transformers reference path: a `Cache` whose rows evict with any policy while the model decodes.
 
 Each batch row is one request with its own policy, budget and evictor, so several policies can decode the same
-text side by side in one forward. Keys and values of a layer are stored `[B, H, capacity, d]` with a validity
-mask `[B, H, capacity]`: rows hold different numbers of entries, and under per-head budgets (Crystal-KV's
-Algorithm 2) heads of a row do too. The attention function registered here as `crystal_kv` reads that mask, feeds
-the policies the scores of the torch reference kernel (the code SGLang runs on CPU), and at the end of the
-last layer lets every row's evictor decide and applies the decision to the stored tensors.
+text side by side in one forward. Keys and values of every layer live in one tensor `[L, B, H, capacity, d]` with
+a validity mask `[L, B, H, capacity]` (each layer's cache is a view of its slice): rows hold different numbers of
+entries, and under per-head budgets (Crystal-KV's Algorithm 2) heads of a row do too. The attention function
+registered here as `crystal_kv` reads that mask and keeps each layer's rotated query; after the last layer the
+torch reference kernel (the code SGLang runs on CPU) scores all layers in one pass, every row's evictor observes
+and decides, and the decisions are applied to the stored tensors of all layers at once.
 
 Positions stay logical: `get_seq_length()` reports tokens seen, not entries held, so transformers' `generate()`
 rotates every new token at its true position. Rows of different prompt lengths cannot go through `generate()`
@@ -88,8 +89,7 @@ class _RowContext:
 
     def keys(self) -> torch.Tensor:
         if self._keys is None:
-            n = self.cache.entries[self.row]
-            self._keys = torch.stack([layer.keys[self.row, :, :n] for layer in self.cache.layers])
+            self._keys = self.cache.keys[:, self.row, :, : self.cache.entries[self.row]]
         return self._keys
 
     def attention(self, queries: torch.Tensor, lengths, mode: str) -> torch.Tensor:
@@ -114,7 +114,11 @@ class EvictingCache(Cache):
         ]  # fmt: skip
         self.entries = [0] * len(rows)  # physical entries per row (the largest over its heads)
         self.needs = functools.reduce(ScoreNeeds.union, [evictor.policy.needs for evictor in self.evictors], ScoreNeeds())
-        self._step: dict[str, list] = {}
+        # Every layer's keys, values [L, B, H, capacity, d] and validity [L, B, H, capacity]; allocated at the prefill.
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None
+        self._queries: list[torch.Tensor] = []  # this step's rotated query of each layer so far, [B, Hq, d]
         self.decisions: list[list[Decision]] = [[] for _ in rows]
 
     # ---- transformers' Cache API -------------------------------------------------------------------------------
@@ -125,29 +129,44 @@ class EvictingCache(Cache):
         if layer.valid is None:
             if new != max(row.prompt_length for row in self.rows):
                 raise ValueError("the first forward must be the prefill of every row's full prompt (right-padded)")
-            layer.lazy_initialization(key_states, value_states)
+            if self.keys is None:
+                self._allocate(key_states, new)
+            self.keys[layer_idx, :, :, :new] = key_states
+            self.values[layer_idx, :, :, :new] = value_states
             lengths = torch.tensor([row.prompt_length for row in self.rows])
-            layer.valid = (torch.arange(new).view(1, 1, new) < lengths.view(batch, 1, 1)).expand(batch, heads, new)
-            layer.valid = layer.valid.clone()
-        else:
-            if new != 1:
-                raise ValueError("after the prefill, rows decode one token per forward")
-            self._append(layer, key_states, value_states)
-        return layer.keys, layer.values
-
-    def _append(self, layer: EvictingLayer, key_states, value_states) -> None:
-        batch = key_states.shape[0]
-        rows = torch.arange(batch)
+            self.valid[layer_idx, :, :, :new] = torch.arange(new).view(1, 1, new) < lengths.view(batch, 1, 1)
+            layer.lazy_initialization(key_states, value_states)
+            self._view_layer(layer_idx)
+            return layer.keys[:, :, :new], layer.values[:, :, :new]
+        if new != 1:
+            raise ValueError("after the prefill, rows decode one token per forward")
         slots = torch.tensor(self.entries)
-        capacity = layer.keys.shape[2]
-        if int(slots.max()) >= capacity:
-            grow = max(16, capacity // 2)
-            layer.keys = F.pad(layer.keys, (0, 0, 0, grow))
-            layer.values = F.pad(layer.values, (0, 0, 0, grow))
-            layer.valid = F.pad(layer.valid, (0, grow))
+        if layer_idx == 0 and int(slots.max()) >= self.keys.shape[3]:
+            self._grow(max(16, self.keys.shape[3] // 2))
+        rows = torch.arange(batch)
         layer.keys[rows, :, slots] = key_states[:, :, 0]
         layer.values[rows, :, slots] = value_states[:, :, 0]
         layer.valid[rows, :, slots] = True
+        used = int(slots.max()) + 1  # this step's entry sits at slot `entries[row]`
+        return layer.keys[:, :, :used], layer.values[:, :, :used]
+
+    def _allocate(self, key_states, prompt: int) -> None:
+        batch, heads, _, dim = key_states.shape
+        shape = (self.shape.layers, batch, heads, prompt + 16, dim)
+        self.keys = key_states.new_zeros(shape)
+        self.values = key_states.new_zeros(shape)
+        self.valid = torch.zeros(shape[:-1], dtype=torch.bool, device=key_states.device)
+
+    def _grow(self, grow: int) -> None:
+        self.keys = F.pad(self.keys, (0, 0, 0, grow))
+        self.values = F.pad(self.values, (0, 0, 0, grow))
+        self.valid = F.pad(self.valid, (0, grow))
+        for layer_idx in range(self.shape.layers):
+            self._view_layer(layer_idx)
+
+    def _view_layer(self, layer_idx: int) -> None:
+        layer = self.layers[layer_idx]
+        layer.keys, layer.values, layer.valid = self.keys[layer_idx], self.values[layer_idx], self.valid[layer_idx]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Logical length (tokens seen), which is what positions are computed from."""
@@ -183,49 +202,51 @@ class EvictingCache(Cache):
 
     # ---- attention and the end of a step ------------------------------------------------------------------------
     def attend(self, module, query, key, value, scaling, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`key`, `value`: this layer's slots in use, as `update` returned them (past them the unused capacity would
+        change the kernel's summation and break bit-identity with the full cache)."""
         layer_idx = module.layer_idx
         layer = self.layers[layer_idx]
         batch, q_heads, q_len, dim = query.shape
         if layer_idx == 0:
             self._check_positions(position_ids, q_len)
-        group = q_heads // key.shape[1]
+        kv_heads, used = key.shape[1], key.shape[2]
+        group = q_heads // kv_heads
         if q_len > 1:  # prefill: causal over each row's own prompt (rows are right-padded)
             causal = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).tril()
-            mask = causal.view(1, 1, q_len, q_len) & layer.valid.repeat_interleave(group, dim=1)[:, :, None, :]
+            mask = causal.view(1, 1, q_len, q_len) & layer.valid[:, :, :used].repeat_interleave(group, dim=1)[:, :, None]
             k, v = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
             output = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
             if layer_idx == self.shape.layers - 1:
                 self._finish_prefill()
             return output.transpose(1, 2)
-        # Only the slots in use (this step's entry sits at slot `entries[row]`): the unused capacity past them would
-        # change the kernel's summation and break bit-identity with the full cache.
-        used = max(self.entries) + 1
-        mask = layer.valid[:, :, :used].repeat_interleave(group, dim=1)[:, :, None, :]
-        k = key[:, :, :used].repeat_interleave(group, dim=1)
-        v = value[:, :, :used].repeat_interleave(group, dim=1)
-        output = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
-        self._record_step(layer_idx, query[:, :, 0], layer)
+        # The kernel's own GQA (as transformers runs the full cache): keys and values are not repeated per query head.
+        mask = layer.valid[:, :, None, :used].repeat_interleave(group, dim=1)
+        output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+        self._queries.append(query[:, :, 0].detach().to(torch.float32))
         if layer_idx == self.shape.layers - 1:
             self._finish_step()
         return output.transpose(1, 2)
 
-    def _record_step(self, layer_idx: int, query: torch.Tensor, layer: EvictingLayer) -> None:
-        needs = self.needs
-        if layer_idx == 0:
-            self._step = {"attention": [], "sparsity": [], "queries": []}
-        if needs.query_window:
-            self._step["queries"].append(query.detach().to(torch.float32))
+    def _step_scores(self) -> StepScores:
+        """This step's observations for every layer at once: the reference kernel over all layers' keys in one pass
+        (layers folded into the batch), [L, B, ...]."""
+        needs, queries = self.needs, torch.stack(self._queries)  # [L, B, Hq, d]
+        self._queries = []
+        scores = StepScores(queries=queries if needs.query_window else None)
         if not (needs.attention or needs.sparsity):
-            return
+            return scores
+        layers, batch, q_heads, dim = queries.shape
         entries = torch.tensor([n + 1 for n in self.entries])  # this step's entry is appended already
         used = int(entries.max())
-        scores, sparsity = score_dense(
-            query.unsqueeze(1), layer.keys[:, :, :used], entries, mode="mean",
-            sparsity_threshold=SPARSITY_THRESHOLD if needs.sparsity else None, valid=layer.valid,
+        attention, sparsity = score_dense(
+            queries.reshape(layers * batch, 1, q_heads, dim),
+            self.keys[:, :, :, :used].reshape(layers * batch, -1, used, dim),
+            entries.repeat(layers), mode="mean", sparsity_threshold=SPARSITY_THRESHOLD if needs.sparsity else None,
+            valid=self.valid[:, :, :, :used].reshape(layers * batch, -1, used),
         )  # fmt: skip
-        self._step["attention"].append(scores)
-        if sparsity is not None:
-            self._step["sparsity"].append(sparsity[:, 0])
+        scores.attention = attention.view(layers, batch, -1, used) if needs.attention else None
+        scores.sparsity = None if sparsity is None else sparsity.view(layers, batch, q_heads)
+        return scores
 
     def _finish_prefill(self) -> None:
         for row, evictor in enumerate(self.evictors):
@@ -233,16 +254,16 @@ class EvictingCache(Cache):
             self.entries[row] = self.rows[row].prompt_length
 
     def _finish_step(self) -> None:
-        step = self._step
+        step = self._step_scores()
         for row, evictor in enumerate(self.evictors):
             self.entries[row] += 1
             evictor.append(1)
             n = self.entries[row]
             evictor.observe(
                 StepScores(
-                    attention=torch.stack([s[row, :, :n] for s in step["attention"]]) if step["attention"] else None,
-                    sparsity=torch.stack([s[row] for s in step["sparsity"]]) if step["sparsity"] else None,
-                    queries=torch.stack([q[row] for q in step["queries"]]) if step["queries"] else None,
+                    attention=None if step.attention is None else step.attention[:, row, :, :n],
+                    sparsity=None if step.sparsity is None else step.sparsity[:, row],
+                    queries=None if step.queries is None else step.queries[:, row],
                 )
             )
             decision = evictor.decide(_RowContext(self, row))
@@ -256,24 +277,22 @@ class EvictingCache(Cache):
             evictor.see_tokens([int(token)], evictor.length - 1)
 
     def _apply(self, row: int, decision: Decision) -> None:
+        """Quantization orders, then the compaction, on every layer of `row` at once."""
+        keys, values = self.keys[:, row], self.values[:, row]  # [L, H, capacity, d] views
+        dim = keys.shape[-1]
         for order in decision.quantize:
-            for l, layer in enumerate(self.layers):
-                index = order.entries[l]  # [H, m]
-                heads = torch.arange(index.shape[0]).unsqueeze(-1)
-                keys, values = layer.keys[row, heads, index], layer.values[row, heads, index]
-                layer.keys[row, heads, index] = fake_quantize_keys(keys, order.bits, order.group)
-                layer.values[row, heads, index] = fake_quantize_values(values, order.bits, order.group)
+            index = order.entries.unsqueeze(-1).expand(-1, -1, -1, dim)  # [L, H, m, d]
+            keys.scatter_(2, index, fake_quantize_keys(torch.gather(keys, 2, index), order.bits, order.group))
+            values.scatter_(2, index, fake_quantize_values(torch.gather(values, 2, index), order.bits, order.group))
         if decision.keep is None:
             return
         k = decision.keep.shape[-1]
-        for l, layer in enumerate(self.layers):
-            index = decision.keep[l]
-            heads = torch.arange(index.shape[0]).unsqueeze(-1)
-            layer.keys[row, :, :k] = layer.keys[row, heads, index].clone()
-            layer.values[row, :, :k] = layer.values[row, heads, index].clone()
-            kept = torch.ones_like(index, dtype=torch.bool) if decision.keep_valid is None else decision.keep_valid[l]
-            layer.valid[row, :, :k] = kept
-            layer.valid[row, :, k:] = False
+        index = decision.keep.unsqueeze(-1).expand(-1, -1, -1, dim)
+        keys[:, :, :k] = torch.gather(keys, 2, index)
+        values[:, :, :k] = torch.gather(values, 2, index)
+        valid = self.valid[:, row]
+        valid[:, :, :k] = True if decision.keep_valid is None else decision.keep_valid
+        valid[:, :, k:] = False
         self.entries[row] = k
 
 
