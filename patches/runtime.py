@@ -108,7 +108,7 @@ class EvictionRuntime:
         keys = self.pool.kv_pool.get_key_buffer(layer_id)
         needs = self.needs
         scores = sparsity = None
-        if needs.attention or needs.sparsity:
+        if needs.scores:
             scores, sparsity = extract_scores(
                 queries, keys, self.pool.req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens,
                 mode="mean", sparsity_threshold=SPARSITY_THRESHOLD if needs.sparsity else None,

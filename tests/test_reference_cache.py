@@ -250,11 +250,14 @@ def decode_rows(model, prompts: list[torch.Tensor], rows: list[RowRequest], new_
     return torch.stack(tokens, 1), torch.stack(logits, 1), cache
 
 
-def test_batch_rows_of_different_lengths_decode_as_alone(model, calibration):
-    prompts = [torch.randint(1, 250, (length,), generator=torch.Generator().manual_seed(length)) for length in (12, 7)]
+# The second batch puts rows that need no scores between scored ones: the cache scores the span of rows between.
+@pytest.mark.parametrize("policies, lengths", [(("crystal", "rkv"), (12, 7)),
+                                               (("streamingllm", "crystal", "random", "h2o"), (12, 7, 9, 5))])  # fmt: skip
+def test_batch_rows_of_different_lengths_decode_as_alone(model, calibration, policies, lengths):
+    prompts = [torch.randint(1, 250, (length,), generator=torch.Generator().manual_seed(length)) for length in lengths]
     new_tokens = 20
     rows = [RowRequest(row_spec(policy, len(p) + new_tokens, calibration), len(p), len(p) + new_tokens)
-            for policy, p in zip(("crystal", "rkv"), prompts)]  # fmt: skip
+            for policy, p in zip(policies, prompts)]  # fmt: skip
     tokens, logits, cache = decode_rows(model, prompts, rows, new_tokens)
     for row, prompt_tokens in enumerate(prompts):
         alone = generate(model, prompt_tokens.unsqueeze(0), new_tokens)
@@ -294,3 +297,20 @@ def test_generate_refuses_rows_rotated_at_wrong_positions(model, calibration):
     cache = EvictingCache(CONFIG, rows)
     with pytest.raises(ValueError, match="row 1: token 7 is rotated at position 1: rotate every row at its own"):
         generate(model, input_ids, 4, cache, attention_mask=attention_mask)
+
+
+def test_evicting_rows_batched_keep_what_they_keep_alone(model, calibration):
+    """Scored rows around rows that need no scores: every row evicts exactly as it does decoded alone."""
+    policies, lengths, new_tokens = ("streamingllm", "crystal", "random", "h2o"), (12, 7, 9, 5), 36
+    settings = dict(SMALL)
+    budget = settings.pop("budget")
+    prompts = [torch.randint(1, 250, (length,), generator=torch.Generator().manual_seed(length)) for length in lengths]
+    rows = [RowRequest(row_spec(policy, budget, calibration, **settings), len(p), len(p) + new_tokens)
+            for policy, p in zip(policies, prompts)]  # fmt: skip
+    tokens, _, cache = decode_rows(model, prompts, rows, new_tokens)
+    for row, prompt_tokens in enumerate(prompts):
+        alone_tokens, _, alone = decode_rows(model, [prompts[row]], [rows[row]], new_tokens)
+        assert tokens[row].tolist() == alone_tokens[0].tolist()
+        evictor, alone_evictor = cache.evictors[row], alone.evictors[0]
+        assert evictor.stats.evictions == alone_evictor.stats.evictions > 0
+        assert torch.equal(evictor.positions[evictor.valid], alone_evictor.positions[alone_evictor.valid])

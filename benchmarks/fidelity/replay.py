@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from benchmarks.fidelity.scoring import ReplayScores, TokenScores, right_padded
 from benchmarks.fidelity.workload import Sequence
 from crystal_sglang.config import parse_budget
-from crystal_sglang.policies import make_spec
+from crystal_sglang.policies import create_policy, make_spec
 from crystal_sglang.reference.cache import EvictingCache, RowRequest, evicting_attention
 
 FULL = "full"  # budget label of the no-eviction sanity row
@@ -28,6 +28,10 @@ def budget_entries(budget: str, sequence: Sequence) -> int:
     return parse_budget(budget).resolve(len(sequence.prompt_ids) + len(sequence.continuation_ids))
 
 
+def reads_scores(policy: str, settings: dict) -> bool:
+    return create_policy(make_spec(policy, parse_budget("100%"), settings)).needs.scores
+
+
 def replay_policies(
     model, sequences: list[Sequence], configs: list[Config], reference: list[torch.Tensor], settings: dict,
     end_of_think_ids: tuple[int, ...], pad_id: int,
@@ -38,7 +42,9 @@ def replay_policies(
     The evicting rows of one sequence share a cache (they stop together, at the sequence's end, and hold similar
     numbers of entries); the full-cache rows of all sequences share another, so that no evicting row attends over
     the padding up to a full-length row."""
-    evicting = [config for config in configs if config.budget != FULL]
+    # Rows whose policies read attention scores first: the cache scores one span of rows.
+    evicting = sorted((config for config in configs if config.budget != FULL),
+                      key=lambda config: not reads_scores(config.policy, settings))  # fmt: skip
     groups = [[(config, index) for config in evicting] for index in range(len(sequences))]
     groups.append([(config, index) for config in configs if config.budget == FULL for index in range(len(sequences))])
     groups = [group for group in groups if group]

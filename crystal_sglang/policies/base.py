@@ -41,6 +41,11 @@ class ScoreNeeds:
     query_window: int = 0  # every decode step: keep this many newest rotated queries per layer
     keys_at_selection: bool = False  # at selection: the cached keys (and the score function over them)
 
+    @property
+    def scores(self) -> bool:
+        """The score kernel must run every decode step (attention or sparsity)."""
+        return self.attention or self.sparsity
+
     def union(self, other: "ScoreNeeds") -> "ScoreNeeds":
         """What a batch mixing both policies must compute."""
         return ScoreNeeds(

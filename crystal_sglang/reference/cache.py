@@ -114,6 +114,9 @@ class EvictingCache(Cache):
         ]  # fmt: skip
         self.entries = [0] * len(rows)  # physical entries per row (the largest over its heads)
         self.needs = functools.reduce(ScoreNeeds.union, [evictor.policy.needs for evictor in self.evictors], ScoreNeeds())
+        # The rows whose policies read attention or sparsity, as one span of rows (a view of the store, no gather).
+        scored = [row for row, evictor in enumerate(self.evictors) if evictor.policy.needs.scores]
+        self.scored_rows = slice(scored[0], scored[-1] + 1) if scored else slice(0, 0)
         # Every layer's keys, values [L, B, H, capacity, d] and validity [L, B, H, capacity]; allocated at the prefill.
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
@@ -233,16 +236,18 @@ class EvictingCache(Cache):
         needs, queries = self.needs, torch.stack(self._queries)  # [L, B, Hq, d]
         self._queries = []
         scores = StepScores(queries=queries if needs.query_window else None)
-        if not (needs.attention or needs.sparsity):
+        rows = self.scored_rows
+        if rows.stop == rows.start:
             return scores
+        queries = queries[:, rows]
         layers, batch, q_heads, dim = queries.shape
-        entries = torch.tensor([n + 1 for n in self.entries])  # this step's entry is appended already
+        entries = torch.tensor([n + 1 for n in self.entries[rows]])  # this step's entry is appended already
         used = int(entries.max())
         attention, sparsity = score_dense(
             queries.reshape(layers * batch, 1, q_heads, dim),
-            self.keys[:, :, :, :used].reshape(layers * batch, -1, used, dim),
+            self.keys[:, rows, :, :used].reshape(layers * batch, -1, used, dim),
             entries.repeat(layers), mode="mean", sparsity_threshold=SPARSITY_THRESHOLD if needs.sparsity else None,
-            valid=self.valid[:, :, :, :used].reshape(layers * batch, -1, used),
+            valid=self.valid[:, rows, :, :used].reshape(layers * batch, -1, used),
         )  # fmt: skip
         scores.attention = attention.view(layers, batch, -1, used) if needs.attention else None
         scores.sparsity = None if sparsity is None else sparsity.view(layers, batch, q_heads)
@@ -258,11 +263,12 @@ class EvictingCache(Cache):
         for row, evictor in enumerate(self.evictors):
             self.entries[row] += 1
             evictor.append(1)
-            n = self.entries[row]
+            n, scored = self.entries[row], row - self.scored_rows.start
+            inside = 0 <= scored < self.scored_rows.stop - self.scored_rows.start
             evictor.observe(
                 StepScores(
-                    attention=None if step.attention is None else step.attention[:, row, :, :n],
-                    sparsity=None if step.sparsity is None else step.sparsity[:, row],
+                    attention=step.attention[:, scored, :, :n] if inside and step.attention is not None else None,
+                    sparsity=step.sparsity[:, scored] if inside and step.sparsity is not None else None,
                     queries=None if step.queries is None else step.queries[:, row],
                 )
             )
