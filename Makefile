@@ -52,13 +52,17 @@ $(KVPRESS_STAMP):
 	$(KVPRESS_VENV)/bin/python -m pip install --quiet kvpress==0.5.5
 	@touch $@
 
+# PROBLEMS=path/to/math500.jsonl (MATH-500: `problem`, `solution`): prompts from it, and its real solutions replayed too.
+PROBLEMS ?=
+FIDELITY_ARGS := $(if $(PROBLEMS),--problems $(PROBLEMS))
+
 fidelity-quick: install $(KVPRESS_STAMP)
 	$(BIN)/crystal-sglang prepare-model
-	$(BIN)/python -m benchmarks.fidelity --quick
+	$(BIN)/python -m benchmarks.fidelity --quick $(FIDELITY_ARGS)
 
 fidelity: install $(KVPRESS_STAMP)
 	$(BIN)/crystal-sglang prepare-model
-	$(BIN)/python -m benchmarks.fidelity
+	$(BIN)/python -m benchmarks.fidelity $(FIDELITY_ARGS)
 
 serving: install
 	$(BIN)/crystal-sglang prepare-model

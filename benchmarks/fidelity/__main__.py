@@ -32,8 +32,8 @@ from crystal_sglang.policies import POLICY_NAMES
 from crystal_sglang.prompts import INSTRUCTION, load_problems
 
 MODES = {
-    "quick": dict(prompts=4, new_tokens=256, budgets=("64", "128", "10%", "20%")),
-    "full": dict(prompts=24, new_tokens=512, budgets=("64", "128", "256", "10%", "20%", "30%")),
+    "quick": dict(prompts=4, new_tokens=256, solution_tokens=512, budgets=("64", "128", "10%", "20%")),
+    "full": dict(prompts=20, new_tokens=512, solution_tokens=512, budgets=("64", "128", "256", "10%", "20%", "30%")),
 }
 PROTOCOLS = {  # name: (file prefix, what is replayed)
     "greedy_traces": ("", "the model's own full-cache greedy traces"),
@@ -43,15 +43,16 @@ PROTOCOLS = {  # name: (file prefix, what is replayed)
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="4 prompts, 256 new tokens, budgets 64/128/10%%/20%%")
+    parser.add_argument("--quick", action="store_true", help="4 prompts, 256 new tokens, budgets 64/128/10%%/20%% "
+                        "(default: 20 prompts, 512 new tokens, budgets 64/128/256/10%%/20%%/30%%)")
     parser.add_argument("--problems", type=Path, help="MATH-500-style JSONL (`problem`, optional `solution`)")
     parser.add_argument("--out", type=Path, default=Path("results/fidelity"))
-    parser.add_argument("--prompts", type=int, help="number of prompts (default: 4 quick, 24 full)")
+    parser.add_argument("--prompts", type=int, help="number of prompts (default: 4 quick, 20 full)")
     parser.add_argument("--new-tokens", type=int, help="greedy trace limit (default: 256 quick, 512 full)")
     parser.add_argument("--budgets", help="comma-separated, e.g. 64,128,10%%,20%%")
     parser.add_argument("--policies", help=f"comma-separated subset of {','.join(POLICY_NAMES)}")
     parser.add_argument("--solution-tokens", type=int, help="min tokens per chained-solutions conversation "
-                        "(default: 2 x new tokens)")  # fmt: skip
+                        "(default 512)")  # fmt: skip
     parser.add_argument("--protect-prompt", action="store_true",
                         help="keep the policies' default of never evicting the prompt (kvpress does evict it)")
     parser.add_argument("--config", type=json.loads, default={},
@@ -66,7 +67,7 @@ def parse_args() -> argparse.Namespace:
     args.new_tokens = args.new_tokens or mode["new_tokens"]
     args.budgets = args.budgets.split(",") if args.budgets else list(mode["budgets"])
     args.policies = args.policies.split(",") if args.policies else list(POLICY_NAMES)
-    args.solution_tokens = args.solution_tokens or 2 * args.new_tokens
+    args.solution_tokens = args.solution_tokens or mode["solution_tokens"]
     return args
 
 
@@ -208,24 +209,11 @@ def main() -> None:
     end_of_think_ids = tuple(tokenizer.encode("</think>", add_special_tokens=False))
     problems = load_problems(args.problems, args.prompts)
     protocols = {}
-    traces_started = time.monotonic()
-    traces = greedy_traces(model, tokenizer, problems, args.new_tokens)
-    trace_seconds = time.monotonic() - traces_started
-    protocols["greedy_traces"] = run_protocol("greedy_traces", traces, model, model_path, args, settings,
-                                              end_of_think_ids)  # fmt: skip
-    protocols["greedy_traces"]["wall_seconds"]["traces"] = trace_seconds
-    if args.problems is not None:
-        records = [json.loads(line) for line in args.problems.read_text().splitlines() if line.strip()]
-        records = [r for r in records if r.get("solution")]
-        if records:
-            solutions = solution_sequences(tokenizer, records, args.prompts, args.solution_tokens)
-            protocols["math500_solutions"] = run_protocol("math500_solutions", solutions, model, model_path, args,
-                                                          settings, end_of_think_ids)  # fmt: skip
     data = {
         "mode": args.mode,
         "command": " ".join(["python -m benchmarks.fidelity", *sys.argv[1:]]),
         "model": model_path.name,
-        "prompts": str(args.problems) if args.problems else "crystal_sglang.prompts.DEFAULT_PROBLEMS",
+        "prompts": args.problems.name if args.problems else "crystal_sglang.prompts.DEFAULT_PROBLEMS",
         "instruction": INSTRUCTION,
         "new_tokens": args.new_tokens,
         "budgets": args.budgets,
@@ -244,9 +232,28 @@ def main() -> None:
         },
         "torch_threads": args.threads,
         "protocols": protocols,
-        "wall_seconds_total": time.monotonic() - started,
+        "wall_seconds_total": 0.0,
     }  # fmt: skip
-    write_outputs(data, args)
+
+    def finished(name: str, section: dict) -> None:
+        """Record a protocol's results and write every output: a stopped run keeps the protocols it finished."""
+        protocols[name] = section
+        data["wall_seconds_total"] = time.monotonic() - started
+        write_outputs(data, args)
+
+    traces_started = time.monotonic()
+    traces = greedy_traces(model, tokenizer, problems, args.new_tokens)
+    trace_seconds = time.monotonic() - traces_started
+    section = run_protocol("greedy_traces", traces, model, model_path, args, settings, end_of_think_ids)
+    section["wall_seconds"]["traces"] = trace_seconds
+    finished("greedy_traces", section)
+    if args.problems is not None:
+        records = [json.loads(line) for line in args.problems.read_text().splitlines() if line.strip()]
+        records = [r for r in records if r.get("solution")]
+        if records:
+            solutions = solution_sequences(tokenizer, records, args.prompts, args.solution_tokens)
+            finished("math500_solutions", run_protocol("math500_solutions", solutions, model, model_path, args,
+                                                       settings, end_of_think_ids))  # fmt: skip
     print(f"total wall time {data['wall_seconds_total']:.0f} s")
 
 

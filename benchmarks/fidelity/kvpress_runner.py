@@ -7,10 +7,11 @@ kvpress needs transformers < 5.3, so it runs from its own virtual environment as
     .venv-kvpress/bin/python -m benchmarks.fidelity.kvpress_runner INPUT.json OUTPUT.json   # run by the benchmark
 
 `run_kvpress` (our side) writes the sequences and per-row budgets, runs this module in that environment and reads
-the per-token scores back; `main` (kvpress's side) replays them. The rows of one sequence (its full cache, the
-reference, and every press at every budget) form one batch; each row's compression is kvpress's own
-`DecodingPress.compress` applied to that row alone (`RowwiseDecodingPress`), so a row is compressed exactly as it
-would be alone, and rows stay in one rectangular cache by padding shorter rows with masked slots.
+the per-token scores back; `main` (kvpress's side) replays them. The reference is kvpress's own full cache (one
+teacher-forced forward per sequence); every press at every budget replays the sequence as one row of a batch, each
+row's compression being kvpress's own `DecodingPress.compress` applied to that row alone (`RowwiseDecodingPress`),
+so a row is compressed exactly as it would be alone, and rows stay in one rectangular cache by padding shorter rows
+with masked slots.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.fidelity.scoring import ReplayScores, TokenScores, right_padded
+from benchmarks.fidelity.scoring import ReplayScores, TokenScores
 
 try:  # kvpress's environment; in ours only the launcher (`run_kvpress`) is used
     from kvpress import DecodingPress, KnormPress, SnapKVPress, StreamingLLMPress
@@ -76,7 +77,7 @@ def run_kvpress(model_path, sequences, budgets: dict[str, list[int]], threads: i
 @dataclass
 class RowwiseDecodingPress(DecodingPress):
     """kvpress's `DecodingPress` schedule (hidden-state buffer, a compression every `compression_interval` steps)
-    over a batch whose rows each have their own press (a `DecodingPress`, or None for the full cache).
+    over a batch whose rows each have their own press (a `DecodingPress`).
 
     `mask` [B, K] marks each row's real entries among the K physical ones (including the current token); at a
     compression each row's real entries go through its own press, the results are right-padded to one width, and
@@ -88,8 +89,7 @@ class RowwiseDecodingPress(DecodingPress):
 
     def post_init_from_model(self, model):
         for press in self.row_presses:
-            if press is not None:
-                press.post_init_from_model(model)
+            press.post_init_from_model(model)
 
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
         cos, sin = kwargs["position_embeddings"]
@@ -97,10 +97,9 @@ class RowwiseDecodingPress(DecodingPress):
         for row, press in enumerate(self.row_presses):
             real = self.mask[row]
             row_keys, row_values = keys[row : row + 1, :, real], values[row : row + 1, :, real]
-            if press is not None:
-                row_kwargs = {**kwargs, "position_embeddings": (cos[row : row + 1], sin[row : row + 1])}
-                row_keys, row_values = press.compress(module, hidden_states[row : row + 1], row_keys, row_values,
-                                                      None, row_kwargs)  # fmt: skip
+            row_kwargs = {**kwargs, "position_embeddings": (cos[row : row + 1], sin[row : row + 1])}
+            row_keys, row_values = press.compress(module, hidden_states[row : row + 1], row_keys, row_values, None,
+                                                  row_kwargs)  # fmt: skip
             kept_keys.append(row_keys)
             kept_values.append(row_values)
         width = max(k.shape[2] for k in kept_keys)
@@ -121,52 +120,50 @@ def make_press(name: str, target: int):
 
 
 @torch.no_grad()
-def replay_presses(model, sequences: list[dict], rows: list[tuple[str | None, str | None, int]], pad_id: int,
-                   progress) -> tuple[list[TokenScores], dict[int, list[int]]]:  # fmt: skip
-    """Teacher-forced replay of `rows` (press, budget label, sequence index; press None: the full cache, one per
-    sequence, the reference). Returns per row its TokenScores (reference rows: against themselves) and, per
-    reference row's sequence, its top-1 tokens."""
-    reference_row = {index: row for row, (press, _, index) in enumerate(rows) if press is None}
-    prompts = [sequences[index]["prompt_ids"] for _, _, index in rows]
-    continuations = [sequences[index]["continuation_ids"] for _, _, index in rows]
-    lengths = [len(c) for c in continuations]
-    ids = right_padded(prompts, pad_id)
-    batch, longest = ids.shape
-    prompt_lengths = torch.tensor([len(p) for p in prompts])
-    mask = torch.arange(longest).view(1, -1) < prompt_lengths.view(-1, 1)
-    row_presses = [None if press is None else make_press(press, sequences[index]["targets"][label])
-                   for press, label, index in rows]  # fmt: skip
+def full_cache_logits(model, sequence: dict) -> torch.Tensor:
+    """kvpress's own full cache (its transformers version): next-token logits [continuation, V] of one sequence, from
+    one teacher-forced forward over prompt + continuation."""
+    prompt, continuation = sequence["prompt_ids"], sequence["continuation_ids"]
+    ids = torch.tensor([prompt + continuation[:-1]])
+    hidden = model.model(input_ids=ids).last_hidden_state
+    return model.lm_head(hidden[0, len(prompt) - 1 :]).float()
+
+
+@torch.no_grad()
+def replay_presses(model, sequence: dict, rows: list[tuple[str, str]], reference: torch.Tensor,
+                   progress) -> list[TokenScores]:
+    """Teacher-forced replay of one sequence by `rows` (press, budget label) in one batch, each step scored against
+    `reference` (the full cache's logits). Rows hold only what their presses keep, so the batch is as wide as its
+    largest budget (+ the interval), not as the sequence."""
+    batch, prompt, continuation = len(rows), sequence["prompt_ids"], sequence["continuation_ids"]
+    ids = torch.tensor([prompt] * batch)
+    mask = torch.ones((batch, len(prompt)), dtype=torch.bool)
+    row_presses = [make_press(press, sequence["targets"][label]) for press, label in rows]
     driver = RowwiseDecodingPress(base_press=ScorerPress(), compression_interval=COMPRESSION_INTERVAL,
                                   row_presses=row_presses)  # fmt: skip
     from transformers import DynamicCache
 
     cache = DynamicCache()
     recorded = ReplayScores(batch)
-    top1: dict[int, list[int]] = {index: [] for index in reference_row}
+    every = list(range(batch))
     with driver(model):
-        positions = torch.arange(longest).view(1, -1).expand(batch, -1)
-        hidden = model.model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, past_key_values=cache)
-        logits = model.lm_head(hidden.last_hidden_state[torch.arange(batch), prompt_lengths - 1])
-        for step in range(max(lengths)):
-            live = [row for row in range(batch) if step < lengths[row]]
-            references = torch.stack([logits[reference_row[rows[row][2]]] for row in live])
-            targets = torch.tensor([continuations[row][step] for row in live])
-            recorded.record(live, references, logits[live], targets, mask.sum(1).float().tolist())
-            for index, row in reference_row.items():
-                if step < lengths[row]:
-                    top1[index].append(int(logits[row].argmax()))
+        hidden = model.model(input_ids=ids, past_key_values=cache)
+        logits = model.lm_head(hidden.last_hidden_state[:, -1])
+        for step, token in enumerate(continuation):
+            targets = torch.tensor([token] * batch)
+            recorded.record(every, reference[step].expand(batch, -1), logits, targets, mask.sum(1).float().tolist())
             progress.update()
-            if step + 1 == max(lengths):
+            if step + 1 == len(continuation):
                 break
-            fed = torch.tensor([[c[step] if step < len(c) else pad_id] for c in continuations])
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.bool)], dim=1)
             driver.mask, driver.compressed_mask = mask, None
-            output = model(input_ids=fed, attention_mask=mask.long(), position_ids=prompt_lengths.view(-1, 1) + step,
-                           past_key_values=cache, logits_to_keep=1)  # fmt: skip
+            output = model(input_ids=targets.view(-1, 1), attention_mask=mask.long(),
+                           position_ids=torch.full((batch, 1), len(prompt) + step), past_key_values=cache,
+                           logits_to_keep=1)  # fmt: skip
             if driver.compressed_mask is not None:
                 mask = driver.compressed_mask
             logits = output.logits[:, -1]
-    return recorded.rows, top1
+    return recorded.rows
 
 
 def main() -> None:
@@ -184,17 +181,17 @@ def main() -> None:
     sequences = request["sequences"]
     for index, sequence in enumerate(sequences):
         sequence["targets"] = {label: entries[index] for label, entries in request["budgets"].items()}
-    pad_id = model.generation_config.pad_token_id or 0
     configs: dict[tuple[str, str], list[dict]] = {}
     reference = []
+    rows = [(press, label) for press in request["presses"] for label in request["budgets"]]
     steps = sum(len(sequence["continuation_ids"]) for sequence in sequences)
     with tqdm(total=steps, desc=f"kvpress presses ({len(request['presses'])} presses)", unit="token") as progress:
-        for index in range(len(sequences)):  # one batch per sequence: its rows stop together
-            rows = [(None, None, index)] + [(press, label, index) for press in request["presses"]
-                                            for label in request["budgets"]]  # fmt: skip
-            scores, top1 = replay_presses(model, sequences, rows, pad_id, progress)
-            reference.append({"top1": top1[index], "nll": scores[0].nll})
-            for (press, label, _), row_scores in zip(rows[1:], scores[1:]):
+        for sequence in sequences:  # one batch per sequence: its rows stop together
+            logits = full_cache_logits(model, sequence)
+            targets = torch.tensor(sequence["continuation_ids"])
+            nll = -torch.log_softmax(logits, -1).gather(-1, targets.view(-1, 1)).squeeze(-1)
+            reference.append({"top1": logits.argmax(-1).tolist(), "nll": nll.tolist()})
+            for (press, label), row_scores in zip(rows, replay_presses(model, sequence, rows, logits, progress)):
                 configs.setdefault((press, label), []).append(row_scores.__dict__)
     Path(reply_path).write_text(json.dumps({
         "configs": [{"press": p, "budget": b, "sequences": s} for (p, b), s in configs.items()],
