@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.contexts:
         contexts = [int(context) for context in args.contexts.split(",")]
     overhead_batch = 4 if args.quick else 8
+    rounds = 2 if args.quick else 3  # alternated measurements of the overhead and of none against stock
     model = prepare_default_model()
     from transformers import AutoTokenizer
 
@@ -154,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         measure_capacity(report, save, model, device, policies, prompts, out)
     if args.only in (None, "overhead"):
         policy = policies[1] if len(policies) > 1 else "crystal"
-        measure_overhead(report, save, model, device, policy, filler, contexts, overhead_batch, out)
+        measure_overhead(report, save, model, device, policy, filler, contexts, overhead_batch, rounds, out)
     if args.only in (None, "stock"):
-        measure_stock(report, save, model, device, filler, overhead_batch, 2 if args.quick else 3, out)
+        measure_stock(report, save, model, device, filler, overhead_batch, rounds, out)
 
     plot(report, report_path.with_suffix(".png"))
     print(f"wrote {report_path} and its .png")
@@ -182,20 +183,25 @@ def measure_capacity(report: dict, save, model, device: list[str], policies: lis
 
 
 def measure_overhead(report: dict, save, model, device: list[str], policy: str, filler: list[int],
-                     contexts: list[int], batch: int, out: Path) -> None:
-    """Per-token latency with `none` and with `policy` (no eviction) at each context: report["overhead"]."""
+                     contexts: list[int], batch: int, rounds: int, out: Path) -> None:
+    """Per-token latency with `none` and with `policy` (no eviction) at each context, the two alternated over
+    `rounds` batches on one server; the share is the median ratio of each round's pair: report["overhead"]."""
     longest = max(contexts)
     server_args = [*device, "--max-total-tokens", str(batch * (longest + 64) + 64), "--kv-evict", policy,
                    "--kv-evict-budget", str(longest * 2), "--disable-radix-cache", "--context-length", str(longest)]
     with SGLangServer(model, server_args, log_path=out / "server-overhead.log") as server:
         for context in tqdm(contexts, desc="overhead vs context", unit="context"):
             ids = filler[: context - 32 + batch]  # room for the generated tokens
-            base = step_latency(server, ids, batch, 24, {"kv_evict": "none"})
-            scored = step_latency(server, ids, batch, 24, None)
-            report["overhead"][str(context)] = {"none_s": base, "policy_s": scored, "share": scored / base - 1}
+            base, scored = [], []
+            for _ in range(rounds):
+                base.append(step_latency(server, ids, batch, 24, {"kv_evict": "none"}))
+                scored.append(step_latency(server, ids, batch, 24, None))
+            share = statistics.median(b / a for a, b in zip(base, scored)) - 1
+            report["overhead"][str(context)] = {"none_s": base, "policy_s": scored, "share": share}
             save()
-            print(f"context {context}: none {base * 1000:.0f} ms/step, {policy} {scored * 1000:.0f} ms/step "
-                  f"(overhead {100 * (scored / base - 1):+.1f} %)", flush=True)
+            print(f"context {context}: none {statistics.median(base) * 1000:.0f} ms/step, {policy} "
+                  f"{statistics.median(scored) * 1000:.0f} ms/step (overhead {100 * share:+.1f} %, median of "
+                  f"{rounds} rounds: {[f'{100 * (b / a - 1):+.1f}' for a, b in zip(base, scored)]})", flush=True)
 
 
 def measure_stock(report: dict, save, model, device: list[str], filler: list[int], batch: int, rounds: int,
