@@ -32,6 +32,7 @@ from crystal_sglang.server import CPU_SERVER_ARGS, SGLangServer
 RETRACTED = re.compile(r"#retracted_reqs: (\d+)")
 STOCK_ENV = {"SGLANG_PLUGINS": "stock"}  # a plugin whitelist that leaves crystal-sglang's plugin out
 STOCK_CONTEXT = 2048
+POLICY_TIME = ("crystal_kv:policy_seconds_total", "crystal_kv:decode_seconds_total")  # eviction work, decode steps
 
 
 def stream_one(base_url: str, payload: dict) -> dict:
@@ -185,23 +186,33 @@ def measure_capacity(report: dict, save, model, device: list[str], policies: lis
 def measure_overhead(report: dict, save, model, device: list[str], policy: str, filler: list[int],
                      contexts: list[int], batch: int, rounds: int, out: Path) -> None:
     """Per-token latency with `none` and with `policy` (no eviction) at each context, the two alternated over
-    `rounds` batches on one server; the share is the median ratio of each round's pair: report["overhead"]."""
+    `rounds` batches on one server; the share is the median ratio of each round's pair. Beside it, eviction's
+    share measured inside the policy's decode steps (the server's `crystal_kv:policy_seconds` over
+    `crystal_kv:decode_seconds`), which a machine whose speed drifts between runs does not blur:
+    report["overhead"]."""
     longest = max(contexts)
     server_args = [*device, "--max-total-tokens", str(batch * (longest + 64) + 64), "--kv-evict", policy,
-                   "--kv-evict-budget", str(longest * 2), "--disable-radix-cache", "--context-length", str(longest)]
+                   "--kv-evict-budget", str(longest * 2), "--disable-radix-cache", "--context-length", str(longest),
+                   "--enable-metrics"]  # fmt: skip
     with SGLangServer(model, server_args, log_path=out / "server-overhead.log") as server:
         for context in tqdm(contexts, desc="overhead vs context", unit="context"):
             ids = filler[: context - 32 + batch]  # room for the generated tokens
-            base, scored = [], []
+            base, scored, in_step = [], [], []
             for _ in range(rounds):
                 base.append(step_latency(server, ids, batch, 24, {"kv_evict": "none"}))
+                before = server.metrics()
                 scored.append(step_latency(server, ids, batch, 24, None))
+                after = server.metrics()
+                spent = {key: after[key] - before[key] for key in POLICY_TIME}
+                in_step.append(spent[POLICY_TIME[0]] / spent[POLICY_TIME[1]])
             share = statistics.median(b / a for a, b in zip(base, scored)) - 1
-            report["overhead"][str(context)] = {"none_s": base, "policy_s": scored, "share": share}
+            report["overhead"][str(context)] = {"none_s": base, "policy_s": scored, "share": share,
+                                                "in_step_share": statistics.median(in_step)}  # fmt: skip
             save()
             print(f"context {context}: none {statistics.median(base) * 1000:.0f} ms/step, {policy} "
                   f"{statistics.median(scored) * 1000:.0f} ms/step (overhead {100 * share:+.1f} %, median of "
-                  f"{rounds} rounds: {[f'{100 * (b / a - 1):+.1f}' for a, b in zip(base, scored)]})", flush=True)
+                  f"{rounds} rounds: {[f'{100 * (b / a - 1):+.1f}' for a, b in zip(base, scored)]}); measured "
+                  f"inside the steps: {100 * statistics.median(in_step):.1f} % of each step", flush=True)
 
 
 def measure_stock(report: dict, save, model, device: list[str], filler: list[int], batch: int, rounds: int,
@@ -248,9 +259,15 @@ def plot(report: dict, path: Path) -> None:
         axis.set_title(label)
     if overhead:
         axis = axes[0][len(metrics)]
-        axis.plot([int(c) for c in overhead], [100 * overhead[c]["share"] for c in overhead], "o-")
+        contexts = [int(c) for c in overhead]
+        axis.plot(contexts, [100 * overhead[c]["share"] for c in overhead], "o-", label="step time vs none")
+        measured = [c for c in overhead if "in_step_share" in overhead[c]]
+        if measured:
+            axis.plot([int(c) for c in measured], [100 * overhead[c]["in_step_share"] for c in measured], "s--",
+                      label="measured inside the steps")  # fmt: skip
         axis.set_xlabel("context (entries)")
         axis.set_title("policy overhead per step (%)")
+        axis.legend(fontsize=8)
     if stock:
         axis = axes[0][-1]
         kinds = ["stock", "none"]

@@ -131,6 +131,17 @@ class SGLangServer:
             raise
         return False
 
+    def metrics(self) -> dict[str, float]:
+        """`/metrics` of a server started with `--enable-metrics`: each metric's value, summed over its label sets."""
+        totals: dict[str, float] = {}
+        for line in self.get("/metrics").splitlines():
+            if line.startswith("#") or " " not in line:
+                continue
+            series, value = line.rsplit(" ", 1)
+            name = series.split("{", 1)[0]
+            totals[name] = totals.get(name, 0.0) + float(value)
+        return totals
+
     def get(self, path: str, timeout: float = 60.0) -> dict | str:
         with urllib.request.urlopen(self.base_url + path, timeout=timeout) as response:
             body = response.read().decode()

@@ -61,9 +61,9 @@ def score_after_attention(original, layer, q, k, v, forward_batch, *args, **kwar
     return output
 
 
-def logical_positions(forward_batch, _cls, batch, *args, **kwargs):
+def start_decode_step(forward_batch, _cls, batch, *args, **kwargs):
     if forward_batch.forward_mode.is_decode():
-        offsets = _runtime.position_offsets(batch.reqs)
+        offsets = _runtime.begin_decode(batch.reqs)
         if offsets is not None:
             positions = forward_batch.positions
             forward_batch.positions = positions + torch.tensor(offsets, dtype=positions.dtype, device=positions.device)
@@ -123,7 +123,7 @@ def bounded_running_offset(original, adder, req, *args, **kwargs):
 
 def decode_log_with_savings(parts, _pool_stats, *args, **kwargs) -> list[str]:
     """SGLang's "Decode batch" line lists the pool's usage; add what eviction saved and what it retains."""
-    return [*parts, observability.usage_message(_runtime.savings())]
+    return [*parts, observability.usage_message(_runtime.savings(), _runtime.clock.share_since_report())]
 
 
 META_INFO_KEY = "kv_evict"
@@ -148,7 +148,7 @@ _ADDER = "sglang.srt.managers.schedule_policy.PrefillAdder"
 _STREAMER = "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer"
 RUNTIME_TARGETS = {
     "sglang.srt.layers.radix_attention.RadixAttention.forward": (score_after_attention, HookType.AROUND),
-    "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new": (logical_positions, HookType.AFTER),
+    "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new": (start_decode_step, HookType.AFTER),
     "sglang.srt.managers.scheduler.Scheduler.process_batch_result": (evict_after_step, HookType.AFTER),
     "sglang.srt.managers.schedule_batch.Req.reset_for_retract": (forget_retracted, HookType.AFTER),
     "sglang.srt.managers.schedule_batch.ScheduleBatch.check_decode_mem": (relieve_before_retracting, HookType.AROUND),

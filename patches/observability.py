@@ -1,8 +1,10 @@
 """Pool savings where SGLang reports pool usage: the decode log line and the Prometheus metrics (`--enable-metrics`).
 
 "Saved" counts the KV slots the running requests would hold without eviction minus the slots they hold: the memory
-eviction gave back to the allocator for other requests. The metrics are created in the scheduler process with the
-labels of SGLang's own scheduler metrics, so `/metrics` shows them beside `sglang:token_usage`.
+eviction gave back to the allocator for other requests. The time share is eviction's part of the decode steps'
+wall time (scoring, observe, decide, compaction), measured inside each step. The metrics are created in the
+scheduler process with the labels of SGLang's own scheduler metrics, so `/metrics` shows them beside
+`sglang:token_usage`.
 """
 
 from __future__ import annotations
@@ -32,23 +34,35 @@ class EvictionMetrics:
         self.evicted = Counter(f"{PREFIX}:evicted_tokens", "KV slots freed by eviction.", labelnames=names)
         self.relieved = Counter(f"{PREFIX}:pressure_reliefs", "Times budgets were halved instead of retracting.",
                                 labelnames=names)  # fmt: skip
+        self.policy_seconds = Counter(f"{PREFIX}:policy_seconds", "Wall time of eviction work in decode steps.",
+                                      labelnames=names)  # fmt: skip
+        self.decode_seconds = Counter(f"{PREFIX}:decode_seconds", "Wall time of the decode steps (forward pass to "
+                                      "the end of eviction).", labelnames=names)  # fmt: skip
         # The series exist (at 0) from the start, so a scrape before the first eviction sees them.
-        self.saved, self.retained, self.evicted, self.relieved = (
-            metric.labels(**labels) for metric in (self.saved, self.retained, self.evicted, self.relieved)
-        )
+        self.saved, self.retained, self.evicted, self.relieved, self.policy_seconds, self.decode_seconds = (
+            metric.labels(**labels) for metric in
+            (self.saved, self.retained, self.evicted, self.relieved, self.policy_seconds, self.decode_seconds)
+        )  # fmt: skip
+        self._clock_seen = (0.0, 0.0)
 
     @classmethod
     def for_scheduler(cls, scheduler) -> "EvictionMetrics | None":
         collector = getattr(scheduler, "metrics_collector", None)
         return None if collector is None else cls(collector)
 
-    def record(self, savings: PoolSavings, freed: int, reliefs: int) -> None:
+    def record(self, savings: PoolSavings, freed: int, reliefs: int, clock) -> None:
         self.saved.set(savings.saved)
         self.retained.set(savings.retained)
         self.evicted.inc(freed)
         self.relieved.inc(reliefs)
+        self.policy_seconds.inc(clock.policy - self._clock_seen[0])
+        self.decode_seconds.inc(clock.steps - self._clock_seen[1])
+        self._clock_seen = (clock.policy, clock.steps)
 
 
-def usage_message(savings: PoolSavings) -> str:
-    """The part added to SGLang's "Decode batch" log line."""
-    return f"#kv-evict saved token: {savings.saved}, #kv-evict retained token: {savings.retained}"
+def usage_message(savings: PoolSavings, time_share: float | None) -> str:
+    """The part added to SGLang's "Decode batch" log line; `time_share`: eviction's share of the decode steps since
+    the previous line."""
+    share = "n/a" if time_share is None else f"{100 * time_share:.1f}%"
+    return (f"#kv-evict saved token: {savings.saved}, #kv-evict retained token: {savings.retained}, "
+            f"#kv-evict time: {share}")

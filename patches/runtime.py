@@ -18,8 +18,10 @@ aborted requests drop theirs at the end of their last step. `PrefillAdder._selec
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +29,7 @@ import torch
 from crystal_sglang.config import ConfigError, EvictionSpec, parse_budget
 from crystal_sglang.eviction import SHARED_SLOTS, RequestEvictor
 from crystal_sglang.kernels.scores import extract_scores, score_backend
-from crystal_sglang.policies import make_spec, policy_class
+from crystal_sglang.policies import create_policy, make_spec, policy_class
 from crystal_sglang.policies.base import SPARSITY_THRESHOLD, CacheShape, ScoreNeeds, StepScores
 from crystal_sglang.patches.observability import EvictionMetrics, PoolSavings
 from crystal_sglang.patches.pool_ops import PoolSelectionContext, PoolView
@@ -73,6 +75,37 @@ class _Tracked:
         return self.evictor.length - self.evictor.entries
 
 
+@dataclass
+class DecodeClock:
+    """Wall time of decode steps (from the batch's forward pass to the end of its eviction) and of the eviction
+    work inside them (scoring in the forward pass, observe/decide/compaction after it): eviction's share of a
+    decode step, measured inside the step, so a machine whose speed drifts does not blur it."""
+
+    policy: float = 0.0  # seconds in eviction work
+    steps: float = 0.0  # seconds of the decode steps that contain it
+    step_started: float | None = None
+    reported: tuple[float, float] = (0.0, 0.0)  # (policy, steps) when the share was last reported
+
+    def share_since_report(self) -> float | None:
+        policy, steps = self.policy - self.reported[0], self.steps - self.reported[1]
+        self.reported = (self.policy, self.steps)
+        return policy / steps if steps > 0 else None
+
+
+def timed(method):
+    """Count the method's wall time as eviction work."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.clock.policy += time.perf_counter() - started
+
+    return wrapper
+
+
 class EvictionRuntime:
     """The scheduler's eviction state: one evictor per running request, and the step's scores."""
 
@@ -97,11 +130,31 @@ class EvictionRuntime:
         self._unreported = (0, 0)  # slots freed and pressure reliefs since the metrics were last updated
         self.debug = os.environ.get(DEBUG_ENV) == "1"
         self.failed: set[str] = set()  # requests whose eviction raised: they continue without it
-        self.needs = ScoreNeeds(attention=True)
+        self.needs = ScoreNeeds()  # what the running batch's policies read, set when its forward pass starts
+        self.clock = DecodeClock()
         logger.info("crystal-sglang: in-flight KV eviction on: %s; scores by %s", spec.describe(),
                     score_backend(self.pool.req_to_token.device))
 
-    # ---- scores during the forward -------------------------------------------------------------------------------
+    # ---- the forward pass ----------------------------------------------------------------------------------------
+    @timed
+    def begin_decode(self, reqs) -> list[int] | None:
+        """A decode batch's forward pass starts: what its policies need scored, and the offsets that make its
+        positions logical (None when no request evicted yet)."""
+        self.clock.step_started = time.perf_counter()
+        self.needs = functools.reduce(ScoreNeeds.union, (self._needs(req) for req in reqs), ScoreNeeds())
+        offsets = [self.tracked[req.rid].offset if req.rid in self.tracked else 0 for req in reqs]
+        return offsets if any(offsets) else None
+
+    def _needs(self, req) -> ScoreNeeds:
+        tracked = self.tracked.get(req.rid)
+        if tracked is not None:
+            return tracked.evictor.policy.needs
+        needs = getattr(req, "_kv_evict_needs", None)  # its first decode step: it is tracked at the end of it
+        if needs is None:
+            needs = req._kv_evict_needs = create_policy(req_spec(req, self.spec)).needs
+        return needs
+
+    @timed
     def record_layer(self, layer_id: int, q: torch.Tensor, forward_batch) -> None:
         batch = forward_batch.batch_size
         queries = q.reshape(batch, 1, self.shape.q_heads, self.shape.head_dim)
@@ -119,6 +172,19 @@ class EvictionRuntime:
 
     # ---- between steps -------------------------------------------------------------------------------------------
     def after_decode(self, batch) -> None:
+        started = time.perf_counter()
+        self._after_decode(batch)
+        ended = time.perf_counter()
+        clock = self.clock
+        clock.policy += ended - started
+        if clock.step_started is not None:
+            clock.steps += ended - clock.step_started
+            clock.step_started = None
+        if self.metrics is not None:
+            self.metrics.record(self.savings(), *self._unreported, clock)
+            self._unreported = (0, 0)
+
+    def _after_decode(self, batch) -> None:
         step = [self._layer_scores.get(layer) for layer in range(self.shape.layers)]
         self._layer_scores = {}
         seq_lens = batch.seq_lens_cpu.tolist()
@@ -142,9 +208,6 @@ class EvictionRuntime:
             self._set_lengths(batch, seq_lens)
             if self.debug:
                 self.check_rows(batch)
-        if self.metrics is not None:
-            self.metrics.record(self.savings(), *self._unreported)
-            self._unreported = (0, 0)
 
     def savings(self) -> PoolSavings:
         held = [tracked.evictor for tracked in self.tracked.values()]
@@ -255,7 +318,6 @@ class EvictionRuntime:
             device=self.pool.req_to_token.device, layout=SHARED_SLOTS,
             end_of_think_ids=self._marker_ids(spec.settings.end_of_think),
         )  # fmt: skip
-        self.needs = self.needs.union(evictor.policy.needs)
         return _Tracked(evictor, tokens_seen=0)
 
     def _marker_ids(self, marker: str | None) -> tuple[int, ...]:
@@ -304,10 +366,6 @@ class EvictionRuntime:
     def forget(self, req) -> None:
         self.tracked.pop(req.rid, None)
         self.failed.discard(req.rid)
-
-    def position_offsets(self, reqs) -> list[int] | None:
-        offsets = [self.tracked[req.rid].offset if req.rid in self.tracked else 0 for req in reqs]
-        return offsets if any(offsets) else None
 
     def growth_bound(self, req) -> int | None:
         """Entries this request can still add to the pool, or None when it is not bounded."""

@@ -96,23 +96,27 @@ def test_small_budget_bounds_the_pool_and_frees_every_slot(server, policy):
     assert server.pool_used() <= start  # nothing left behind (the fixture checks the pool ends empty)
 
 
-def metric(text: str, name: str) -> float:
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
-    assert values, f"{name} is not exported"
-    return sum(values)
+def decode_line_parts(server, name: str) -> list[str]:
+    """The values of one part (`name: value`) of every "Decode batch" log line so far."""
+    return [part.split(": ", 1)[1] for line in server.log_path.read_text().splitlines() if "Decode batch" in line
+            for part in line.split(", ") if part.startswith(name + ":")]  # fmt: skip
 
 
 def test_pool_savings_in_the_log_line_and_metrics(server):
-    evicted_before = metric(server.get("/metrics"), "crystal_kv:evicted_tokens_total")
+    before = server.metrics()
     reply = generate(server, {"kv_budget": SMALL_BUDGET})
     evicted = reply["meta_info"]["kv_evict"][-1]["evicted"]
     assert evicted > 0
-    text = server.get("/metrics")
-    assert metric(text, "crystal_kv:evicted_tokens_total") - evicted_before >= evicted
-    assert metric(text, "crystal_kv:saved_tokens") >= 0 and "crystal_kv:retained_tokens{" in text
-    saved = [int(part.split(":")[1]) for line in server.log_path.read_text().splitlines() if "Decode batch" in line
-             for part in line.split(", ") if part.startswith("#kv-evict saved token")]  # fmt: skip
+    after = server.metrics()
+    grown = {name: after[name] - before.get(name, 0.0) for name in after if name.startswith("crystal_kv:")}
+    assert grown["crystal_kv:evicted_tokens_total"] >= evicted
+    assert after["crystal_kv:saved_tokens"] >= 0 and "crystal_kv:retained_tokens" in after
+    saved = [int(value) for value in decode_line_parts(server, "#kv-evict saved token")]
     assert saved and max(saved) > 0, "the decode log line does not show the slots eviction saved"
+    # Eviction's time: a part of the decode steps it ran in, in the metrics and in the log line.
+    assert 0 < grown["crystal_kv:policy_seconds_total"] < grown["crystal_kv:decode_seconds_total"]
+    shares = [float(value.rstrip("%")) for value in decode_line_parts(server, "#kv-evict time") if value != "n/a"]
+    assert shares and all(0 < share < 100 for share in shares)
 
 
 @pytest.mark.parametrize("policy", ["crystal", "crystal-lite", "h2o", "streamingllm", "snapkv", "rkv"])
