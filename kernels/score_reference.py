@@ -81,24 +81,35 @@ def score_dense(
     group = q_heads // kv_heads
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     keys = keys.to(torch.float32)
+    # [B, Hkv, W * group, d] @ [B, Hkv, d, n]: one batched product per KV head over its group's queries.
     q = queries.to(torch.float32).view(batch, window, kv_heads, group, dim).permute(0, 2, 1, 3, 4)
-    logits = torch.einsum("bhwgd,bhnd->bhwgn", q, keys) * scale
-    present = torch.arange(n_max, device=keys.device).view(1, 1, n_max) < seq_lens.view(batch, 1, 1).to(keys.device)
-    if valid is not None:
-        present = present & valid[..., :n_max].to(torch.bool)
-    logits = logits.masked_fill(~present[:, :, None, None, :], float("-inf"))
+    q = q.reshape(batch, kv_heads, window * group, dim)
+    logits = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale).view(batch, kv_heads, window, group, n_max)
+    # Every entry present (one request scored alone, the usual case on CPU): no mask to build or apply.
+    complete = valid is None and bool((seq_lens == n_max).all())
+    present = None
+    if not complete:
+        present = torch.arange(n_max, device=keys.device).view(1, 1, n_max) < seq_lens.view(batch, 1, 1).to(keys.device)
+        if valid is not None:
+            present = present & valid[..., :n_max].to(torch.bool)
+        logits = logits.masked_fill_(~present[:, :, None, None, :], float("-inf"))
 
     probs = torch.softmax(logits, dim=-1)
     if mode == "mean":
         scores = probs.mean(dim=(2, 3))
     else:
         scores = torch.softmax(logits.amax(dim=3), dim=-1).mean(dim=2)
-    scores = torch.nan_to_num(scores, nan=0.0)
+    if not complete:
+        scores = torch.nan_to_num(scores, nan=0.0)  # rows with no entry
 
     sparsity = None
     if sparsity_threshold is not None:
         low = probs < sparsity_threshold * probs.amax(dim=-1, keepdim=True)
-        counted = (low & present[:, :, None, None, :]).sum(-1).to(torch.float32)
-        entries = present.sum(-1).clamp_min(1).to(torch.float32)[:, :, None, None]
+        if complete:
+            counted, entries = low.sum(-1).to(torch.float32), float(max(n_max, 1))
+        else:
+            counted = (low & present[:, :, None, None, :]).sum(-1).to(torch.float32)
+            entries = present.sum(-1).clamp_min(1).to(torch.float32)[:, :, None, None]
         sparsity = (counted / entries).permute(0, 2, 1, 3).reshape(batch, window, q_heads)
     return scores, sparsity
+

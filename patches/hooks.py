@@ -55,10 +55,31 @@ def check_request(_result, sampling_params, *args, **kwargs) -> None:
 
 
 def score_after_attention(original, layer, q, k, v, forward_batch, *args, **kwargs):
-    output = original(layer, q, k, v, forward_batch, *args, **kwargs)
-    if forward_batch.forward_mode.is_decode():
-        _runtime.record_layer(layer.layer_id, q, forward_batch)
+    if not forward_batch.forward_mode.is_decode():
+        return original(layer, q, k, v, forward_batch, *args, **kwargs)
+    _runtime.attending = layer.layer_id
+    try:
+        output = original(layer, q, k, v, forward_batch, *args, **kwargs)
+    finally:
+        _runtime.attending = None
+    _runtime.record_layer(layer.layer_id, q, forward_batch)
     return output
+
+
+def score_inside_torch_native_decode(original, backend, query, output, k_cache, v_cache, req_to_token,
+                                     req_pool_indices, seq_lens, encoder_lens=None, scaling=None, enable_gqa=False,
+                                     causal=False, is_cross_attn=False, sliding_window_size=None):  # fmt: skip
+    """`torch_native` gathers each request's keys for its attention anyway: score them there (plain self-attention
+    of a decode layer whose batch needs scores; any other call runs the backend's own loop)."""
+    layer_id = _runtime.scores_in_attention()
+    windowed = sliding_window_size is not None and sliding_window_size > -1
+    plain = encoder_lens is None and not causal and not is_cross_attn and not windowed
+    if layer_id is None or not plain:
+        return original(backend, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+                        encoder_lens, scaling=scaling, enable_gqa=enable_gqa, causal=causal,
+                        is_cross_attn=is_cross_attn, sliding_window_size=sliding_window_size)  # fmt: skip
+    return _runtime.attend_and_score(layer_id, query, output, k_cache, v_cache, req_to_token, req_pool_indices,
+                                     seq_lens, scaling, enable_gqa)  # fmt: skip
 
 
 def start_decode_step(forward_batch, _cls, batch, *args, **kwargs):
@@ -148,6 +169,8 @@ _ADDER = "sglang.srt.managers.schedule_policy.PrefillAdder"
 _STREAMER = "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer"
 RUNTIME_TARGETS = {
     "sglang.srt.layers.radix_attention.RadixAttention.forward": (score_after_attention, HookType.AROUND),
+    "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_decode": (
+        score_inside_torch_native_decode, HookType.AROUND),
     "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new": (start_decode_step, HookType.AFTER),
     "sglang.srt.managers.scheduler.Scheduler.process_batch_result": (evict_after_step, HookType.AFTER),
     "sglang.srt.managers.schedule_batch.Req.reset_for_retract": (forget_retracted, HookType.AFTER),

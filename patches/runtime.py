@@ -4,7 +4,8 @@ Installed by `install` from the hook on `Scheduler.__init__` only when the serve
 than `none`, so a server without eviction runs stock code. Per decode step:
 
 1. `RadixAttention.forward` (around): after each layer's attention, the layer's rotated decode queries are scored
-   against the pool by the score kernel (Triton on GPU, torch on CPU) and kept for the end of the step.
+   against the pool by the score kernel (Triton on GPU, torch on CPU) and kept for the end of the step. On
+   `torch_native` the backend's decode loop (around) computes them from the keys it gathers for the attention.
 2. `Scheduler.process_batch_result` (after): per running request, its evictor takes the step's scores and, when
    the request is over budget + buffer, decides what to keep; `pool_ops` moves the kept entries, frees the rest
    and the request's lengths and the batch's `seq_lens` shrink.
@@ -28,6 +29,7 @@ import torch
 
 from crystal_sglang.config import ConfigError, EvictionSpec, parse_budget
 from crystal_sglang.eviction import SHARED_SLOTS, RequestEvictor
+from crystal_sglang.kernels.fused_decode import attend_and_score
 from crystal_sglang.kernels.scores import extract_scores, score_backend
 from crystal_sglang.policies import create_policy, make_spec, policy_class
 from crystal_sglang.policies.base import SPARSITY_THRESHOLD, CacheShape, ScoreNeeds, StepScores
@@ -123,6 +125,9 @@ class EvictionRuntime:
         )  # fmt: skip
         self.tracked: dict[str, _Tracked] = {}
         self._layer_scores: dict[int, tuple] = {}
+        self._fused: dict[int, tuple] = {}  # layer id: scores its attention computed (`attend_and_score`)
+        self.attending: int | None = None  # the decode layer whose attention runs now
+        self._layer_ids = range(self.pool.first_layer, self.pool.first_layer + self.shape.layers)
         self._end_of_think: dict[str | None, tuple[int, ...]] = {}
         self.evicted_total = 0
         self.pressure_relief_count = 0
@@ -132,8 +137,11 @@ class EvictionRuntime:
         self.failed: set[str] = set()  # requests whose eviction raised: they continue without it
         self.needs = ScoreNeeds()  # what the running batch's policies read, set when its forward pass starts
         self.clock = DecodeClock()
-        logger.info("crystal-sglang: in-flight KV eviction on: %s; scores by %s", spec.describe(),
-                    score_backend(self.pool.req_to_token.device))
+        # torch_native gathers every request's keys for its decode attention: the scores are computed there.
+        self.fused_scores = scheduler.server_args.attention_backend == "torch_native"
+        where = ", inside the torch_native decode attention" if self.fused_scores else ""
+        logger.info("crystal-sglang: in-flight KV eviction on: %s; scores by %s%s", spec.describe(),
+                    score_backend(self.pool.req_to_token.device), where)
 
     # ---- the forward pass ----------------------------------------------------------------------------------------
     @timed
@@ -154,17 +162,37 @@ class EvictionRuntime:
             needs = req._kv_evict_needs = create_policy(req_spec(req, self.spec)).needs
         return needs
 
+    def attend_and_score(self, layer_id: int, query, output, k_cache, v_cache, req_to_token, req_pool_indices,
+                         seq_lens, scaling, enable_gqa: bool) -> torch.Tensor:  # fmt: skip
+        """SGLang's `torch_native` decode attention with the layer's scores computed from the keys it gathers
+        (`kernels.fused_decode`); the scores wait for `record_layer`."""
+        threshold = SPARSITY_THRESHOLD if self.needs.sparsity else None
+        scores, sparsity, scoring = attend_and_score(query, output, k_cache, v_cache, req_to_token,
+                                                     req_pool_indices, seq_lens, scaling, enable_gqa, threshold)
+        self.clock.policy += scoring
+        self._fused[layer_id] = (scores, sparsity)
+        return output
+
+    def scores_in_attention(self) -> int | None:
+        """The decode layer now attending, when its attention should compute the scores (`attend_and_score`)."""
+        layer_id = self.attending
+        return layer_id if self.fused_scores and self.needs.scores and layer_id in self._layer_ids else None
+
     @timed
     def record_layer(self, layer_id: int, q: torch.Tensor, forward_batch) -> None:
         batch = forward_batch.batch_size
         queries = q.reshape(batch, 1, self.shape.q_heads, self.shape.head_dim)
-        keys = self.pool.kv_pool.get_key_buffer(layer_id)
         needs = self.needs
         scores = sparsity = None
-        if needs.scores:
+        if layer_id in self._fused:
+            scores, sparsity = self._fused.pop(layer_id)
+        elif needs.scores:
+            if self.debug and self.fused_scores:
+                raise AssertionError(f"layer {layer_id}: torch_native attention did not compute the scores")
             scores, sparsity = extract_scores(
-                queries, keys, self.pool.req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens,
-                mode="mean", sparsity_threshold=SPARSITY_THRESHOLD if needs.sparsity else None,
+                queries, self.pool.kv_pool.get_key_buffer(layer_id), self.pool.req_to_token,
+                forward_batch.req_pool_indices, forward_batch.seq_lens, mode="mean",
+                sparsity_threshold=SPARSITY_THRESHOLD if needs.sparsity else None,
             )  # fmt: skip
         self._layer_scores[layer_id - self.pool.first_layer] = (
             scores, None if sparsity is None else sparsity[:, 0], queries[:, 0].float() if needs.query_window else None
