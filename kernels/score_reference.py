@@ -85,8 +85,9 @@ def score_dense(
     q = queries.to(torch.float32).view(batch, window, kv_heads, group, dim).permute(0, 2, 1, 3, 4)
     q = q.reshape(batch, kv_heads, window * group, dim)
     logits = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale).view(batch, kv_heads, window, group, n_max)
-    # Every entry present (one request scored alone, the usual case on CPU): no mask to build or apply.
-    complete = valid is None and bool((seq_lens == n_max).all())
+    # Every entry present (one request scored alone on CPU; the reference path's rows before their first eviction
+    # or under shared slots): no mask to build or apply.
+    complete = bool((seq_lens == n_max).all()) and (valid is None or bool(valid[..., :n_max].all()))
     present = None
     if not complete:
         present = torch.arange(n_max, device=keys.device).view(1, 1, n_max) < seq_lens.view(batch, 1, 1).to(keys.device)
