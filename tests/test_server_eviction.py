@@ -93,7 +93,9 @@ def test_small_budget_bounds_the_pool_and_frees_every_slot(server, policy):
     assert info["evicted"] > 0 and info["retained"] <= SMALL_BUDGET + BUFFER
     # Read from the pool: the request never held more than budget + buffer entries (+1 slot for the next token).
     assert max(peak) - start <= SMALL_BUDGET + BUFFER + 1
-    assert server.pool_used() <= start  # nothing left behind (the fixture checks the pool ends empty)
+    # Nothing left behind (the fixture checks the pool ends empty). The reply can reach us before the scheduler
+    # publishes the load snapshot taken after the request's slots were freed (seen on loaded cores): read it drained.
+    assert server.pool_used_when_drained() <= start
 
 
 def decode_line_parts(server, name: str) -> list[str]:
