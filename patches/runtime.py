@@ -213,8 +213,7 @@ class EvictionRuntime:
             self._unreported = (0, 0)
 
     def _after_decode(self, batch) -> None:
-        step = [self._layer_scores.get(layer) for layer in range(self.shape.layers)]
-        self._layer_scores = {}
+        step = self._stack_layers()
         seq_lens = batch.seq_lens_cpu.tolist()
         changed = False
         for i, req in enumerate(batch.reqs):
@@ -241,7 +240,7 @@ class EvictionRuntime:
         held = [tracked.evictor for tracked in self.tracked.values()]
         return PoolSavings(saved=sum(e.length - e.entries for e in held), retained=sum(e.entries for e in held))
 
-    def _step_request(self, req, i: int, n: int, step: list) -> int:
+    def _step_request(self, req, i: int, n: int, step: StepScores | None) -> int:
         """Feed one request its step and apply its decision; returns the entries its row holds afterwards."""
         tracked = self.tracked.get(req.rid)
         if tracked is None:
@@ -356,21 +355,32 @@ class EvictionRuntime:
             self._end_of_think[marker] = ids
         return self._end_of_think[marker]
 
-    @staticmethod
-    def _step_scores(step: list, needs: ScoreNeeds, i: int, n: int) -> StepScores | None:
-        """Request i's slice of the step's scores; None when the step lacks what its policy needs (its first
-        step, when its policy widened what the batch computes)."""
+    def _stack_layers(self) -> StepScores | None:
+        """The step's scores of every layer, stacked once for the batch on the CPU ([L, B, ...]); None when a layer
+        has none (no request needed scores)."""
+        step = [self._layer_scores.get(layer) for layer in range(self.shape.layers)]
+        self._layer_scores = {}
         if any(layer is None for layer in step):
             return None
-        attention, sparsity, queries = zip(*step)
-        if (needs.attention and attention[0] is None) or (needs.sparsity and sparsity[0] is None) or (
-            needs.query_window and queries[0] is None
+        attention, sparsity, queries = (
+            None if parts[0] is None else torch.stack(parts).cpu() for parts in zip(*step)
+        )  # fmt: skip
+        return StepScores(attention=attention, sparsity=sparsity, queries=queries)
+
+    @staticmethod
+    def _step_scores(step: StepScores | None, needs: ScoreNeeds, i: int, n: int) -> StepScores | None:
+        """Request i's slice of the step's scores; None when the step lacks what its policy needs (its first
+        step, when its policy widened what the batch computes)."""
+        if step is None:
+            return None
+        if (needs.attention and step.attention is None) or (needs.sparsity and step.sparsity is None) or (
+            needs.query_window and step.queries is None
         ):
             return None
         return StepScores(
-            attention=torch.stack([s[i, :, :n] for s in attention]).cpu() if attention[0] is not None else None,
-            sparsity=torch.stack([s[i] for s in sparsity]).cpu() if sparsity[0] is not None else None,
-            queries=torch.stack([q[i] for q in queries]).cpu() if queries[0] is not None else None,
+            attention=None if step.attention is None else step.attention[:, i, :, :n],
+            sparsity=None if step.sparsity is None else step.sparsity[:, i],
+            queries=None if step.queries is None else step.queries[:, i],
         )
 
     def _show_tokens(self, req, tracked: _Tracked) -> None:
