@@ -3,8 +3,11 @@
 Workload: N concurrent long generations (streamed, greedy, fixed length) against a pool that holds about four
 full-length requests. Per policy: output tokens/s, completed requests, peak running requests (polled from
 `/v1/loads`), retractions (the scheduler's log), TTFT and per-token latency. Then the policy overhead per decode
-step against context length: one batch of requests whose prompts fill the context, decoded with `none` and with
-the policy at a budget above the length (scoring and bookkeeping only, no eviction), per-token latency compared.
+step against context length: one batch of requests whose prompts fill the context, decoded with `none`, with
+the policy at a budget above the length (scoring and bookkeeping over the whole context, nothing evicted) and with
+the policy evicting at `--budget` (the prompt unprotected, so each request runs at that budget from its first
+step on while its positions continue from the context); per-token latency compared, and eviction's share of the
+policy's decode steps measured inside them once every request has settled.
 Last, `--kv-evict none` against stock SGLang (this package's plugin not loaded: SGLang's `SGLANG_PLUGINS`
 whitelist leaves it out), fresh servers alternated, per-token latency at 2K context.
 
@@ -33,10 +36,13 @@ RETRACTED = re.compile(r"#retracted_reqs: (\d+)")
 STOCK_ENV = {"SGLANG_PLUGINS": "stock"}  # a plugin whitelist that leaves crystal-sglang's plugin out
 STOCK_CONTEXT = 2048
 POLICY_TIME = ("crystal_kv:policy_seconds_total", "crystal_kv:decode_seconds_total")  # eviction work, decode steps
+SETTLED = 4  # streamed tokens after which a request's decode steps are timed (its first step's one-off work is past)
+OVERHEAD_TOKENS = 48  # new tokens per request in the overhead sweep: two evictions at budget + 16 after the first
 
 
-def stream_one(base_url: str, payload: dict) -> dict:
-    """One streamed /generate request: time to first token, gaps between tokens, tokens produced."""
+def stream_one(base_url: str, payload: dict, on_token=None) -> dict:
+    """One streamed /generate request: time to first token, gaps between tokens, tokens produced.
+    `on_token(count)` is called as the count of streamed tokens grows."""
     request = urllib.request.Request(base_url + "/generate", data=json.dumps({**payload, "stream": True}).encode(),
                                      headers={"Content-Type": "application/json"})
     begin = time.monotonic()
@@ -51,6 +57,8 @@ def stream_one(base_url: str, payload: dict) -> dict:
             if count > tokens:
                 stamps.append(time.monotonic())
                 tokens = count
+                if on_token is not None:
+                    on_token(count)
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     return {"ttft": stamps[0] - begin if stamps else None, "gaps": gaps, "tokens": tokens}
 
@@ -94,22 +102,37 @@ def run_workload(server: SGLangServer, prompts: list[str], new_tokens: int) -> d
     }  # fmt: skip
 
 
-def step_latency(server: SGLangServer, prompt_ids: list[int], batch: int, new_tokens: int, custom: dict | None):
-    """Median per-token decode latency of `batch` concurrent requests with `prompt_ids` as context."""
+def step_latency(server: SGLangServer, prompt_ids: list[int], batch: int, new_tokens: int, custom: dict | None,
+                 measure_policy: bool = False) -> tuple[float, float | None]:
+    """Median per-token decode latency of `batch` concurrent requests with `prompt_ids` as context, and with
+    `measure_policy` eviction's share of the decode steps run after every request streamed `SETTLED` tokens (the
+    server's `crystal_kv:policy_seconds` over `crystal_kv:decode_seconds`; a first step's one-off work left out)."""
     results: list = [None] * batch
+    streamed, lock, settled = [0] * batch, threading.Lock(), []
+
+    def seen(index, count):
+        with lock:
+            streamed[index] = count
+            if measure_policy and not settled and min(streamed) >= SETTLED:
+                settled.append(server.metrics())
 
     def run(index):
         params = {"temperature": 0, "max_new_tokens": new_tokens, "ignore_eos": True}
         if custom:
             params["custom_params"] = custom
-        results[index] = stream_one(server.base_url, {"input_ids": prompt_ids[index:], "sampling_params": params})
+        payload = {"input_ids": prompt_ids[index:], "sampling_params": params}
+        results[index] = stream_one(server.base_url, payload, lambda count: seen(index, count))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(batch)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return statistics.median(gap for result in results for gap in result["gaps"][2:])
+    latency = statistics.median(gap for result in results for gap in result["gaps"][SETTLED:])
+    if not measure_policy:
+        return latency, None
+    spent = {key: server.metrics()[key] - settled[0][key] for key in POLICY_TIME}
+    return latency, spent[POLICY_TIME[0]] / spent[POLICY_TIME[1]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,34 +208,37 @@ def measure_capacity(report: dict, save, model, device: list[str], policies: lis
 
 def measure_overhead(report: dict, save, model, device: list[str], policy: str, filler: list[int],
                      contexts: list[int], batch: int, rounds: int, out: Path) -> None:
-    """Per-token latency with `none` and with `policy` (no eviction) at each context, the two alternated over
-    `rounds` batches on one server; the share is the median ratio of each round's pair. Beside it, eviction's
-    share measured inside the policy's decode steps (the server's `crystal_kv:policy_seconds` over
-    `crystal_kv:decode_seconds`), which a machine whose speed drifts between runs does not blur:
-    report["overhead"]."""
+    """Per-token latency with `none`, with `policy` scoring without evicting (budget above the length) and with
+    `policy` evicting at the report's budget (prompt unprotected), the three alternated over `rounds` batches on
+    one server. Per policy variant: the median ratio of its step time to `none`'s over the rounds ("share"; a
+    machine whose speed drifts between runs blurs it), and eviction's share measured inside its own settled decode
+    steps ("in_step_share", which that drift does not blur): report["overhead"]."""
     longest = max(contexts)
-    server_args = [*device, "--max-total-tokens", str(batch * (longest + 64) + 64), "--kv-evict", policy,
-                   "--kv-evict-budget", str(longest * 2), "--disable-radix-cache", "--context-length", str(longest),
-                   "--enable-metrics"]  # fmt: skip
+    server_args = [*device, "--max-total-tokens", str(batch * (longest + OVERHEAD_TOKENS + 32) + 64), "--kv-evict",
+                   policy, "--kv-evict-budget", str(longest * 2), "--disable-radix-cache", "--context-length",
+                   str(longest + OVERHEAD_TOKENS), "--enable-metrics"]  # fmt: skip
+    variants = {"scoring": None, "evicting": {"kv_budget": report["budget"], "kv_evict_config": {"protect_prompt": False}}}
     with SGLangServer(model, server_args, log_path=out / "server-overhead.log") as server:
         for context in tqdm(contexts, desc="overhead vs context", unit="context"):
-            ids = filler[: context - 32 + batch]  # room for the generated tokens
-            base, scored, in_step = [], [], []
+            ids = filler[:context]  # request i (0 .. batch - 1) gets its last context - i tokens
+            base, timed = [], {name: ([], []) for name in variants}
             for _ in range(rounds):
-                base.append(step_latency(server, ids, batch, 24, {"kv_evict": "none"}))
-                before = server.metrics()
-                scored.append(step_latency(server, ids, batch, 24, None))
-                after = server.metrics()
-                spent = {key: after[key] - before[key] for key in POLICY_TIME}
-                in_step.append(spent[POLICY_TIME[0]] / spent[POLICY_TIME[1]])
-            share = statistics.median(b / a for a, b in zip(base, scored)) - 1
-            report["overhead"][str(context)] = {"none_s": base, "policy_s": scored, "share": share,
-                                                "in_step_share": statistics.median(in_step)}  # fmt: skip
+                base.append(step_latency(server, ids, batch, OVERHEAD_TOKENS, {"kv_evict": "none"})[0])
+                for name, custom in variants.items():
+                    latency, in_step = step_latency(server, ids, batch, OVERHEAD_TOKENS, custom, measure_policy=True)
+                    timed[name][0].append(latency)
+                    timed[name][1].append(in_step)
+            entry = report["overhead"][str(context)] = {"none_s": base}
+            line = f"context {context}: none {statistics.median(base) * 1000:.0f} ms/step"
+            for name, (latencies, in_steps) in timed.items():
+                share = statistics.median(b / a for a, b in zip(base, latencies)) - 1
+                entry[name] = {"policy_s": latencies, "share": share, "in_step_share": statistics.median(in_steps),
+                               "in_step_shares": in_steps}  # fmt: skip
+                line += (f"; {policy} {name} {statistics.median(latencies) * 1000:.0f} ms/step ({100 * share:+.1f} % "
+                         f"vs none, per round {[f'{100 * (b / a - 1):+.1f}' for a, b in zip(base, latencies)]}), "
+                         f"eviction {100 * statistics.median(in_steps):.1f} % inside its steps")
             save()
-            print(f"context {context}: none {statistics.median(base) * 1000:.0f} ms/step, {policy} "
-                  f"{statistics.median(scored) * 1000:.0f} ms/step (overhead {100 * share:+.1f} %, median of "
-                  f"{rounds} rounds: {[f'{100 * (b / a - 1):+.1f}' for a, b in zip(base, scored)]}); measured "
-                  f"inside the steps: {100 * statistics.median(in_step):.1f} % of each step", flush=True)
+            print(line, flush=True)
 
 
 def measure_stock(report: dict, save, model, device: list[str], filler: list[int], batch: int, rounds: int,
@@ -230,8 +256,8 @@ def measure_stock(report: dict, save, model, device: list[str], filler: list[int
             with SGLangServer(model, [*server_args, *flags], log_path=log, env=env) as server:
                 if server.runs_crystal_plugin() != (kind == "none"):
                     raise RuntimeError(f"the {kind} server has the plugin {'missing' if kind == 'none' else 'loaded'}")
-                step_latency(server, ids, batch, 4, None)  # warm-up
-                samples[kind].append(step_latency(server, ids, batch, 24, None))
+                step_latency(server, ids, batch, SETTLED + 4, None)  # warm-up
+                samples[kind].append(step_latency(server, ids, batch, 24, None)[0])
     stock, none = statistics.median(samples["stock"]), statistics.median(samples["none"])
     report["stock"] = {"context": STOCK_CONTEXT, "batch": batch, "stock_s": samples["stock"],
                        "none_s": samples["none"], "share": none / stock - 1}  # fmt: skip
@@ -260,14 +286,18 @@ def plot(report: dict, path: Path) -> None:
     if overhead:
         axis = axes[0][len(metrics)]
         contexts = [int(c) for c in overhead]
-        axis.plot(contexts, [100 * overhead[c]["share"] for c in overhead], "o-", label="step time vs none")
-        measured = [c for c in overhead if "in_step_share" in overhead[c]]
-        if measured:
-            axis.plot([int(c) for c in measured], [100 * overhead[c]["in_step_share"] for c in measured], "s--",
-                      label="measured inside the steps")  # fmt: skip
-        axis.set_xlabel("context (entries)")
+        variants = (("scoring", "scoring, nothing evicted", "tab:orange"),
+                    ("evicting", f"evicting at {report['budget']}", "tab:blue"))  # fmt: skip
+        for name, label, color in variants:
+            entries = [overhead[str(c)][name] for c in contexts]
+            axis.plot(contexts, [100 * e["share"] for e in entries], "o-", color=color,
+                      label=f"{label}: step time vs none")
+            axis.plot(contexts, [100 * e["in_step_share"] for e in entries], "s--", color=color,
+                      label=f"{label}: share inside its steps")
+        axis.axhline(0, color="grey", linewidth=0.5)
+        axis.set_xlabel("context (tokens)")
         axis.set_title("policy overhead per step (%)")
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=7)
     if stock:
         axis = axes[0][-1]
         kinds = ["stock", "none"]
