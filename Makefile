@@ -1,6 +1,7 @@
 # Set-up and entry points. `make demo` and `make test` install everything they need into .venv first.
 # CPU machines: torch's CPU build, SGLang 0.5.23 without its CUDA stack, the pinned pure-Python dependencies
-# (requirements/cpu.lock, resolved from requirements/cpu.in), this package, and its CPU start-up hook.
+# (requirements/cpu.lock, resolved from requirements/cpu.in), and this package, whose wheel carries the CPU
+# start-up hook (setup.py).
 # Elsewhere than our build machines, export PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu first so pip
 # finds torch's CPU wheel.
 
@@ -14,12 +15,11 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/cpu.lock
+$(STAMP): pyproject.toml setup.py patches/crystal_sglang_cpu_support.pth requirements/cpu.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --no-deps -r requirements/cpu.lock
 	$(BIN)/python -m pip install --no-deps -e .
-	$(BIN)/crystal-sglang cpu-support install
 	@touch $@
 
 demo: install

@@ -20,18 +20,6 @@ def _prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cpu_support(args: argparse.Namespace) -> int:
-    from crystal_sglang.patches import cpu_support
-
-    if args.action == "install":
-        print(f"installed {cpu_support.install()}")
-    elif args.action == "remove":
-        print("removed" if cpu_support.remove() else "was not installed")
-    else:
-        print("installed" if cpu_support.is_installed() else "not installed")
-    return 0
-
-
 def _server_device_args() -> list[str]:
     import torch
 
@@ -90,10 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser("prepare-model", help="write the default model's Hugging Face folder (once)")
     prepare.add_argument("--force", action="store_true", help="rebuild it even if it is already prepared")
     prepare.set_defaults(run=_prepare_model)
-
-    cpu = commands.add_parser("cpu-support", help="the start-up hook that lets SGLang run on CPU-only machines")
-    cpu.add_argument("action", choices=("install", "remove", "status"))
-    cpu.set_defaults(run=_cpu_support)
 
     demo = commands.add_parser("demo", help="serve the default model with eviction and answer one question")
     demo.add_argument("--policy", default=DEFAULT_POLICY, choices=POLICY_NAMES)

@@ -10,10 +10,12 @@ detokenizer processes, which import SGLang's modules before any plugin runs):
 - SGLang's CPU engine imports ops from `sgl_kernel`, whose CPU build is not on PyPI. When no `sgl_kernel`
   can be imported we serve `crystal_sglang.patches.sgl_kernel_cpu` under that name.
 
-`activate()` installs one import finder that does just these two things and defaults
-`SGLANG_USE_CPU_ENGINE=1`. `crystal-sglang cpu-support install` writes a one-line `.pth` start-up file into
-the environment so that every Python process of a CPU install activates it; `remove` takes it out.
-Nothing of SGLang or torchvision is edited. This module must stay cheap to import: it runs at every start.
+`activate()` installs one import finder that does just these two things and, on an install without a real
+`sgl_kernel` (a CPU install; GPU installs have one), defaults `SGLANG_USE_CPU_ENGINE=1`. The package's wheel
+carries the one-line start-up file `crystal_sglang_cpu_support.pth` (see setup.py), so pip installs it with the
+package and every Python process of the environment activates the finder; where nothing is missing the finder
+steps aside. Nothing of SGLang or torchvision is edited, and nothing is written into the environment at run time.
+This module must stay cheap to import: it runs at every start.
 """
 
 from __future__ import annotations
@@ -23,14 +25,11 @@ import importlib.machinery
 import logging
 import os
 import sys
-import sysconfig
 import types
-from pathlib import Path
 
 logger = logging.getLogger("crystal_sglang")
 
-PTH_NAME = "crystal_sglang_cpu_support.pth"
-PTH_LINE = "import crystal_sglang.patches.cpu_support as _crystal_cpu; _crystal_cpu.activate()\n"
+PTH_NAME = "crystal_sglang_cpu_support.pth"  # the start-up file the wheel installs (setup.py)
 
 _TORCHVISION_META = "torchvision._meta_registrations"
 _SGL_KERNEL = "sgl_kernel"
@@ -76,30 +75,8 @@ class CpuImportFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def activate() -> None:
-    """Install the finder (once) and select SGLang's CPU engine unless the user chose otherwise."""
+    """Install the finder (once); on a CPU install, select SGLang's CPU engine unless the user chose otherwise."""
     if not any(isinstance(finder, CpuImportFinder) for finder in sys.meta_path):
         sys.meta_path.insert(0, CpuImportFinder())
-    os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
-
-
-def pth_path() -> Path:
-    return Path(sysconfig.get_paths()["purelib"]) / PTH_NAME
-
-
-def install() -> Path:
-    path = pth_path()
-    path.write_text(PTH_LINE)
-    return path
-
-
-def remove() -> bool:
-    path = pth_path()
-    if path.exists():
-        path.unlink()
-        return True
-    return False
-
-
-def is_installed() -> bool:
-    path = pth_path()
-    return path.exists() and path.read_text() == PTH_LINE
+    if importlib.machinery.PathFinder.find_spec(_SGL_KERNEL) is None:
+        os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
