@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from .score_reference import PER_REQUEST_FROM
 
 
-
 def attend_and_score(
     query: torch.Tensor,
     output: torch.Tensor,
@@ -71,7 +70,7 @@ def attend_and_score(
         started = time.perf_counter()
         product = torch.matmul(grouped[i], keys.to(torch.float32).transpose(-1, -2)).mul_(scale)  # [Hkv, group, n]
         _reduce(product, scores[i, :, :length], None if sparsity is None else sparsity[i, 0], sparsity_threshold,
-                torch.tensor(float(length)))  # fmt: skip
+                float(length))  # fmt: skip
         scoring += time.perf_counter() - started
     if padded:
         started = time.perf_counter()
@@ -86,11 +85,11 @@ def attend_and_score(
 
 
 def _reduce(logits: torch.Tensor, scores: torch.Tensor, sparsity: torch.Tensor | None, threshold: float | None,
-            lengths: torch.Tensor) -> None:  # fmt: skip
+            lengths: torch.Tensor | float) -> None:  # fmt: skip
     """Softmax over entries and mean over the group, written into `scores` ([..., Hkv, n]); with `sparsity`
     ([..., Hq]) the share of each query head's entries below `threshold` times its largest. `logits`
-    [..., Hkv, group, n] are -inf past each row's length (`lengths` [..., 1]), whose zero probabilities count as
-    low and are taken out again."""
+    [..., Hkv, group, n] are -inf past each row's length (`lengths` [..., 1], or one row's as a number), whose
+    zero probabilities count as low and are taken out again."""
     probs = torch.softmax(logits, dim=-1)
     torch.mean(probs, dim=-2, out=scores)
     if sparsity is not None:

@@ -113,4 +113,3 @@ def score_dense(
             entries = present.sum(-1).clamp_min(1).to(torch.float32)[:, :, None, None]
         sparsity = (counted / entries).permute(0, 2, 1, 3).reshape(batch, window, q_heads)
     return scores, sparsity
-
