@@ -32,7 +32,7 @@ from crystal_sglang.eviction import SHARED_SLOTS, RequestEvictor
 from crystal_sglang.kernels.fused_decode import attend_and_score
 from crystal_sglang.kernels.scores import extract_scores, score_backend
 from crystal_sglang.policies import create_policy, make_spec, policy_class
-from crystal_sglang.policies.base import SPARSITY_THRESHOLD, CacheShape, ScoreNeeds, StepScores
+from crystal_sglang.policies.base import SPARSITY_THRESHOLD, CacheShape, ScoreNeeds, StepBatch, StepScores
 from crystal_sglang.patches.observability import EvictionMetrics, PoolSavings
 from crystal_sglang.patches.pool_ops import PoolSelectionContext, PoolView
 
@@ -240,7 +240,7 @@ class EvictionRuntime:
         held = [tracked.evictor for tracked in self.tracked.values()]
         return PoolSavings(saved=sum(e.length - e.entries for e in held), retained=sum(e.entries for e in held))
 
-    def _step_request(self, req, i: int, n: int, step: StepScores | None) -> int:
+    def _step_request(self, req, i: int, n: int, step: StepBatch | None) -> int:
         """Feed one request its step and apply its decision; returns the entries its row holds afterwards."""
         tracked = self.tracked.get(req.rid)
         if tracked is None:
@@ -355,7 +355,7 @@ class EvictionRuntime:
             self._end_of_think[marker] = ids
         return self._end_of_think[marker]
 
-    def _stack_layers(self) -> StepScores | None:
+    def _stack_layers(self) -> StepBatch | None:
         """The step's scores of every layer, stacked once for the batch on the CPU ([L, B, ...]); None when a layer
         has none (no request needed scores)."""
         step = [self._layer_scores.get(layer) for layer in range(self.shape.layers)]
@@ -365,10 +365,10 @@ class EvictionRuntime:
         attention, sparsity, queries = (
             None if parts[0] is None else torch.stack(parts).cpu() for parts in zip(*step)
         )  # fmt: skip
-        return StepScores(attention=attention, sparsity=sparsity, queries=queries)
+        return StepBatch(attention=attention, sparsity=sparsity, queries=queries)
 
     @staticmethod
-    def _step_scores(step: StepScores | None, needs: ScoreNeeds, i: int, n: int) -> StepScores | None:
+    def _step_scores(step: StepBatch | None, needs: ScoreNeeds, i: int, n: int) -> StepScores | None:
         """Request i's slice of the step's scores; None when the step lacks what its policy needs (its first
         step, when its policy widened what the batch computes)."""
         if step is None:
@@ -377,11 +377,7 @@ class EvictionRuntime:
             needs.query_window and step.queries is None
         ):
             return None
-        return StepScores(
-            attention=None if step.attention is None else step.attention[:, i, :, :n],
-            sparsity=None if step.sparsity is None else step.sparsity[:, i],
-            queries=None if step.queries is None else step.queries[:, i],
-        )
+        return step.request(i, n)
 
     def _show_tokens(self, req, tracked: _Tracked) -> None:
         new = req.output_ids[tracked.tokens_seen:]

@@ -19,8 +19,7 @@ from hypothesis import strategies as st
 from crystal_sglang.config import ConfigError
 from crystal_sglang.eviction import PER_HEAD, SHARED_SLOTS
 from crystal_sglang.policies import POLICIES, POLICY_NAMES, create_policy, policy_class
-from crystal_sglang.policies.base import CacheShape, SelectionInput, StepScores
-from crystal_sglang.policies.lrfu import nucleus
+from crystal_sglang.policies.base import CacheShape, SelectionInput, StepScores, nucleus
 from crystal_sglang.policies.rkv import redundancy
 from crystal_sglang.policies.thinkv import EXECUTION, REASONING, TRANSITION, Calibration, kmeans_survivors
 from tests.policy_helpers import (

@@ -61,11 +61,84 @@ SPARSITY_THRESHOLD = 0.01  # an entry counts as unattended below 1 % of its row'
 
 @dataclass
 class StepScores:
-    """One decode step's observations, for the entries present after that step's append."""
+    """One request's decode-step observations, for the entries present after that step's append."""
 
-    attention: torch.Tensor | None = None  # [L, H, n] float32, rows sum to 1 over valid entries
+    attention: torch.Tensor | None = None  # [L, H, n] float32, rows sum to 1 over valid entries, 0 elsewhere
     sparsity: torch.Tensor | None = None  # [L, Hq] float32 in [0, 1]
     queries: torch.Tensor | None = None  # [L, Hq, d] rotated queries of this step
+    batch: StepBatch | None = None  # the batch these were sliced from (`nucleus` is computed there, once)
+    row: int = 0  # this request's row in `batch`
+
+    def nucleus(self, top_p: float) -> torch.Tensor:
+        """[L, H, n] bool: per head, the smallest set of entries whose attention reaches `top_p`."""
+        if self.batch is None:
+            return nucleus(self.attention, top_p)
+        return self.batch.nucleus(top_p)[:, self.row, :, : self.attention.shape[-1]]
+
+
+@dataclass
+class StepBatch:
+    """One decode step's observations for a batch of requests, `[L, B, ...]` (attention padded with zeros past each
+    request's entries), handed to each request as its slice. What policies derive from them (the attention's
+    nucleus) is derived for the whole batch at once: a few ops over the batch instead of a few per request, whose
+    fixed cost is most of a policy's time at the lengths eviction keeps."""
+
+    attention: torch.Tensor | None = None  # [L, Bs, H, n_max]
+    sparsity: torch.Tensor | None = None  # [L, Bs, Hq]
+    queries: torch.Tensor | None = None  # [L, B, Hq, d]
+    scored_from: int = 0  # attention and sparsity hold the batch's rows scored_from, scored_from + 1, ...
+    _nuclei: dict[float, torch.Tensor] = field(default_factory=dict)
+
+    def request(self, row: int, entries: int) -> StepScores:
+        """Batch row `row`'s observations over its first `entries` entries (None where its row was not scored)."""
+        scored = row - self.scored_from
+        inside = 0 <= scored < next((t.shape[1] for t in (self.attention, self.sparsity) if t is not None), 0)
+        return StepScores(
+            attention=self.attention[:, scored, :, :entries] if inside and self.attention is not None else None,
+            sparsity=self.sparsity[:, scored] if inside and self.sparsity is not None else None,
+            queries=None if self.queries is None else self.queries[:, row],
+            batch=self if inside else None,
+            row=scored,
+        )
+
+    def nucleus(self, top_p: float) -> torch.Tensor:
+        """[L, Bs, H, n_max] bool: `nucleus` of every scored request's attention (zero padding is never in it)."""
+        if top_p not in self._nuclei:
+            self._nuclei[top_p] = nucleus(self.attention, top_p)
+        return self._nuclei[top_p]
+
+
+NUCLEUS_FIRST_K = 64  # candidates tried first; most heads' attention is peaked, a 0.9 nucleus rarely needs more
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Smallest set of entries (per row) whose probabilities sum to at least `top_p`; never a zero entry.
+
+    Looks among each row's k largest entries only, and widens k (x4) for the rows whose nucleus is not inside
+    them yet (their top k fall short of `top_p` and the k-th is not 0): a partial top-k instead of a full sort,
+    and the few flat rows (a head attending broadly) do not widen the search of the peaked ones."""
+    width = probs.shape[-1]
+    rows = probs.reshape(-1, width)
+    hit = torch.zeros(rows.shape, dtype=torch.bool, device=probs.device)
+    pending = None  # the rows whose nucleus is not found yet (None: every row)
+    k = min(width, NUCLEUS_FIRST_K)
+    while True:
+        values, order = torch.topk(rows if pending is None else rows.index_select(0, pending), k, dim=-1)
+        inside = (torch.cumsum(values, dim=-1) - values < top_p) & (values > 0)
+        if pending is None:  # the first pass writes every row; the rows it leaves open are written again later
+            hit.scatter_(-1, order, inside)
+        else:
+            hit[pending] = torch.zeros((pending.numel(), width), dtype=torch.bool, device=probs.device).scatter_(
+                -1, order, inside)
+        if k == width:
+            break
+        short = (values.sum(-1) < top_p) & (values[:, -1] > 0)
+        if not bool(short.any()):
+            break
+        open_rows = short.nonzero().squeeze(1)
+        pending = open_rows if pending is None else pending[open_rows]
+        k = min(width, 4 * k)
+    return hit.reshape(probs.shape)
 
 
 class SelectionContext(Protocol):

@@ -34,32 +34,6 @@ class LRFUParams:
             raise ConfigError(f"lam={self.lam} must lie in [0, 1]")
 
 
-NUCLEUS_FIRST_K = 64  # candidates tried first; most heads' attention is peaked, a 0.9 nucleus rarely needs more
-
-
-def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Smallest set of entries (per row) whose probabilities sum to at least `top_p`.
-
-    Looks among each row's k largest entries only, and widens k (x4) for the rows whose nucleus is not inside
-    them yet (their top k fall short of `top_p` and the k-th is not 0): a partial top-k instead of a full sort,
-    and the few flat rows (a head attending broadly) do not widen the search of the peaked ones."""
-    width = probs.shape[-1]
-    rows = probs.reshape(-1, width)
-    hit = torch.zeros(rows.shape, dtype=torch.bool, device=probs.device)
-    pending = torch.arange(rows.shape[0], device=probs.device)
-    k = min(width, NUCLEUS_FIRST_K)
-    while pending.numel():
-        values, order = torch.topk(rows.index_select(0, pending), k, dim=-1)
-        done = (values.sum(-1) >= top_p) | (values[:, -1] == 0) | (k == width)
-        values, order = values[done], order[done]
-        before = torch.cumsum(values, dim=-1) - values
-        found = torch.zeros((values.shape[0], width), dtype=torch.bool, device=probs.device)
-        hit[pending[done]] = found.scatter_(-1, order, (before < top_p) & (values > 0))
-        pending = pending[~done]
-        k = min(width, 4 * k)
-    return hit.reshape(probs.shape)
-
-
 class CrystalLite(EvictionPolicy):
     name = "crystal-lite"
     Params = LRFUParams
@@ -76,14 +50,12 @@ class CrystalLite(EvictionPolicy):
         }
 
     def observe(self, state: PolicyState, scores: StepScores, step: int, valid: torch.Tensor) -> None:
-        # Only the nucleus changes (a small share of the entries), so update it in place through flat indices.
-        crf, tau = state.entries["crf"].view(-1), state.entries["tau"].view(-1)
-        hit = nucleus(scores.attention.masked_fill(~valid, 0.0), self.params.top_p).view(-1).nonzero().squeeze(1)
-        last = tau[hit]
-        earlier = last < step  # an entry created this step has had its first hit already
-        hit, last = hit[earlier], last[earlier]
-        crf[hit] = crf[hit] * torch.pow(self.params.lam, (step - last).to(torch.float64)) + 1.0
-        tau[hit] = step
+        # Dense ops over the request's few hundred entries per head cost less than gathering the hits out.
+        crf, tau = state.entries["crf"], state.entries["tau"]
+        hit = scores.nucleus(self.params.top_p) & (tau < step)  # an entry created this step had its first hit
+        decayed = crf * torch.pow(self.params.lam, (step - tau).to(torch.float64))
+        crf.copy_(torch.where(hit, decayed.add_(1.0), crf))
+        tau.masked_fill_(hit, step)
 
     def worth(self, state: PolicyState, step: int) -> torch.Tensor:
         crf, tau = state.entries["crf"], state.entries["tau"]

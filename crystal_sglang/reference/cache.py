@@ -29,7 +29,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from crystal_sglang.config import EvictionSpec
 from crystal_sglang.eviction import PER_HEAD, SHARED_SLOTS, RequestEvictor
-from crystal_sglang.policies.base import SPARSITY_THRESHOLD, CacheShape, Decision, ScoreNeeds, StepScores
+from crystal_sglang.policies.base import SPARSITY_THRESHOLD, CacheShape, Decision, ScoreNeeds, StepBatch
 from crystal_sglang.quantization import fake_quantize_keys, fake_quantize_values
 from crystal_sglang.kernels.score_reference import score_dense
 
@@ -230,13 +230,13 @@ class EvictingCache(Cache):
             self._finish_step()
         return output.transpose(1, 2)
 
-    def _step_scores(self) -> StepScores:
+    def _step_scores(self) -> StepBatch:
         """This step's observations for every layer at once: the reference kernel over all layers' keys in one pass
         (layers folded into the batch), [L, B, ...]."""
         needs, queries = self.needs, torch.stack(self._queries)  # [L, B, Hq, d]
         self._queries = []
-        scores = StepScores(queries=queries if needs.query_window else None)
         rows = self.scored_rows
+        scores = StepBatch(queries=queries if needs.query_window else None, scored_from=rows.start)
         if rows.stop == rows.start:
             return scores
         queries = queries[:, rows]
@@ -263,15 +263,7 @@ class EvictingCache(Cache):
         for row, evictor in enumerate(self.evictors):
             self.entries[row] += 1
             evictor.append(1)
-            n, scored = self.entries[row], row - self.scored_rows.start
-            inside = 0 <= scored < self.scored_rows.stop - self.scored_rows.start
-            evictor.observe(
-                StepScores(
-                    attention=step.attention[:, scored, :, :n] if inside and step.attention is not None else None,
-                    sparsity=step.sparsity[:, scored] if inside and step.sparsity is not None else None,
-                    queries=None if step.queries is None else step.queries[:, row],
-                )
-            )
+            evictor.observe(step.request(row, self.entries[row]))
             decision = evictor.decide(_RowContext(self, row))
             if decision is not None:
                 self._apply(row, decision)
