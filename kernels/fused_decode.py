@@ -74,7 +74,9 @@ def attend_and_score(
         scoring += time.perf_counter() - started
     if padded:
         started = time.perf_counter()
-        logits = torch.matmul(grouped, gathered.to(torch.float32).permute(0, 2, 3, 1)).mul_(scale)  # [B, Hkv, group, n]
+        # Cast and heads-first layout in one copy, so that the product reads each head's keys contiguously.
+        keys = torch.empty((batch, kv_heads, n_max, dim), dtype=torch.float32).copy_(gathered.movedim(1, 2))
+        logits = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(scale)  # [B, Hkv, group, n]
         if min(lengths, default=0) < n_max:  # the padding (uninitialised) is out of every softmax
             absent = torch.arange(n_max).view(1, 1, 1, n_max) >= seq_lens.view(batch, 1, 1, 1)
             logits.masked_fill_(absent, float("-inf"))
