@@ -45,12 +45,17 @@ class PoolView:
         if decision.keep is None:
             return n
         keep = decision.keep.to(slots.device)
-        k = keep.shape[-1]
-        heads = torch.arange(keep.shape[1], device=slots.device).unsqueeze(-1)
+        layers, heads, k = keep.shape
+        # Rows of each buffer seen as [slots * heads, d]: head h of slot s is row s * heads + h. Head h's j-th kept
+        # entry moves to head h of the row's j-th slot; index_select/index_copy_ on these rows is several times
+        # faster on CPU than the same move by advanced indexing.
+        head = torch.arange(heads, device=slots.device).view(1, heads, 1)
+        source = (slots[keep] * heads + head).view(layers, heads * k)
+        target = (slots[:k].view(1, 1, k) * heads + head).view(heads * k)
         for layer in range(self.layers):
-            source = slots[keep[layer]]  # [H, k]
             for buffer in self.buffers(layer):
-                buffer[slots[:k]] = buffer[source, heads].transpose(0, 1)
+                rows = buffer.view(-1, buffer.shape[-1])
+                rows.index_copy_(0, target, rows.index_select(0, source[layer]))
         if k < n:
             self.tree_cache.free_kv_row(req.kv, [(k, n)])
         return k

@@ -1,0 +1,64 @@
+"""The compaction of one request's row in the pool, on stand-in pools (the real ones run in the server tests)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crystal_sglang.patches.pool_ops import PoolView
+from crystal_sglang.policies.base import Decision
+
+
+class StandInPool:
+    """Per-layer key and value buffers [slots, heads, d], as SGLang's MHA pool holds them."""
+
+    def __init__(self, layers: int, slots: int, heads: int, dim: int, generator: torch.Generator):
+        self.layer_num, self.head_num = layers, heads
+        self.keys = [torch.randn(slots, heads, dim, generator=generator) for _ in range(layers)]
+        self.values = [torch.randn(slots, heads, dim, generator=generator) for _ in range(layers)]
+
+    def get_key_buffer(self, layer_id: int) -> torch.Tensor:
+        return self.keys[layer_id]
+
+    def get_value_buffer(self, layer_id: int) -> torch.Tensor:
+        return self.values[layer_id]
+
+
+class FreedRows:
+    def __init__(self):
+        self.freed = []
+
+    def free_kv_row(self, kv, spans):
+        self.freed.append(spans)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(2, 40), heads=st.integers(1, 4), data=st.data())
+def test_compaction_moves_each_heads_kept_entries_to_the_rows_first_slots(seed, n, heads, data):
+    generator = torch.Generator().manual_seed(seed)
+    layers, slots, dim = 3, 64, 5
+    pool = StandInPool(layers, slots, heads, dim, generator)
+    req_to_token = torch.zeros((2, slots), dtype=torch.int32)
+    req_to_token[1, :n] = torch.randperm(slots, generator=generator)[:n].to(torch.int32)
+    tree = FreedRows()
+    view = PoolView(pool, SimpleNamespace(req_to_token=req_to_token), tree)
+    k = data.draw(st.integers(1, n))
+    keep = torch.stack([torch.stack([torch.randperm(n, generator=generator)[:k].sort().values for _ in range(heads)])
+                        for _ in range(layers)])  # fmt: skip
+    before = [(key.clone(), value.clone()) for key, value in zip(pool.keys, pool.values)]
+    req = SimpleNamespace(kv=SimpleNamespace(req_pool_idx=1))
+
+    assert view.apply(req, n, Decision(keep=keep)) == k
+
+    row = req_to_token[1, :n].to(torch.int64)
+    for layer in range(layers):
+        for now, then in zip((pool.keys[layer], pool.values[layer]), before[layer]):
+            for head in range(heads):
+                assert torch.equal(now[row[:k], head], then[row[keep[layer, head]], head])
+            untouched = torch.ones(slots, dtype=torch.bool)
+            untouched[row[:k]] = False
+            assert torch.equal(now[untouched], then[untouched])
+    assert tree.freed == ([[(k, n)]] if k < n else [])
