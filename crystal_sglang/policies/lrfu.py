@@ -50,12 +50,14 @@ class CrystalLite(EvictionPolicy):
         }
 
     def observe(self, state: PolicyState, scores: StepScores, step: int, valid: torch.Tensor) -> None:
-        # Dense ops over the request's few hundred entries per head cost less than gathering the hits out.
-        crf, tau = state.entries["crf"], state.entries["tau"]
-        hit = scores.nucleus(self.params.top_p) & (tau < step)  # an entry created this step had its first hit
-        decayed = crf * torch.pow(self.params.lam, (step - tau).to(torch.float64))
-        crf.copy_(torch.where(hit, decayed.add_(1.0), crf))
-        tau.masked_fill_(hit, step)
+        # Only the nucleus changes (a small share of the entries), so update it in place through flat indices.
+        crf, tau = state.entries["crf"].view(-1), state.entries["tau"].view(-1)
+        hit = scores.nucleus(self.params.top_p).reshape(-1).nonzero().squeeze(1)
+        last = tau[hit]
+        earlier = last < step  # an entry created this step has had its first hit already
+        hit, last = hit[earlier], last[earlier]
+        crf[hit] = crf[hit] * torch.pow(self.params.lam, (step - last).to(torch.float64)) + 1.0
+        tau[hit] = step
 
     def worth(self, state: PolicyState, step: int) -> torch.Tensor:
         crf, tau = state.entries["crf"], state.entries["tau"]
