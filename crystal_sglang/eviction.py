@@ -68,6 +68,16 @@ class RequestEvictor:
         self._last_realloc = 0
         self.stats = EvictionStats()
 
+    @property
+    def head_budgets(self) -> torch.Tensor:
+        """[L, H] entries each head may keep."""
+        return self._head_budgets
+
+    @head_budgets.setter
+    def head_budgets(self, budgets: torch.Tensor) -> None:
+        self._head_budgets = budgets
+        self._smallest_budget = int(budgets.min())
+
     # ---- what happened -------------------------------------------------------------------------------------------
     @property
     def entries(self) -> int:
@@ -123,11 +133,15 @@ class RequestEvictor:
     def due(self) -> bool:
         if not self.policy.evicts:
             return False
-        held = self.valid.sum(-1)
-        # Effective budgets are never below the head budgets, so most steps are settled without the protection mask.
-        over = bool((held - self.head_budgets).max() > self.settings.buffer) and bool(
-            (held - self.effective_budgets()).max() > self.settings.buffer
-        )
+        # No head holds more than the row, and effective budgets are never below the head budgets: most steps are
+        # settled by the row length, the rest mostly without the protection mask.
+        buffer = self.settings.buffer
+        over = self.entries - self._smallest_budget > buffer
+        if over:
+            held = self.valid.sum(-1)
+            over = bool((held - self.head_budgets).max() > buffer) and bool(
+                (held - self.effective_budgets()).max() > buffer
+            )
         return over or self.policy.pending(self.state)
 
     def decide(self, context: SelectionContext | None = None) -> Decision | None:
