@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from crystal_sglang.config import ConfigError
 from crystal_sglang.eviction import PER_HEAD, SHARED_SLOTS
 from crystal_sglang.policies import POLICIES, POLICY_NAMES, create_policy, policy_class
-from crystal_sglang.policies.base import CacheShape, SelectionInput, StepScores, nucleus
+from crystal_sglang.policies.base import CacheShape, SelectionInput, StepBatch, StepScores, nucleus
 from crystal_sglang.policies.rkv import redundancy
 from crystal_sglang.policies.thinkv import EXECUTION, REASONING, TRANSITION, Calibration, kmeans_survivors
 from tests.policy_helpers import (
@@ -273,6 +273,24 @@ def test_nucleus_matches_the_full_sort(seed, width, sharpness, top_p):
     expected = torch.zeros_like(probs, dtype=torch.bool).scatter(
         -1, order, (torch.cumsum(ordered, -1) - ordered < top_p) & (ordered > 0))
     assert torch.equal(nucleus(probs, top_p), expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), lengths=st.lists(st.integers(1, 300), min_size=1, max_size=5),
+       top_p=st.floats(0.05, 0.99), scored_from=st.integers(0, 2))
+def test_the_batch_nucleus_is_each_requests_own(seed, lengths, top_p, scored_from):
+    """A request's slice of the nucleus computed for its whole (zero-padded) batch is the nucleus of its own rows."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = [torch.softmax(4 * torch.randn(2, 3, n, generator=generator), -1) for n in lengths]
+    attention = torch.zeros(2, len(lengths), 3, max(lengths))
+    for i, request in enumerate(rows):
+        attention[:, i, :, : lengths[i]] = request
+    batch = StepBatch(attention=attention, scored_from=scored_from)
+    for i, request in enumerate(rows):
+        scores = batch.request(scored_from + i, lengths[i])
+        assert torch.equal(scores.attention, request)
+        assert torch.equal(scores.nucleus(top_p), nucleus(request, top_p))
+    assert batch.request(scored_from - 1, 1).attention is None  # a row before the scored ones
 
 
 def test_crystal_reallocates_per_head_budgets():
