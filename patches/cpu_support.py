@@ -29,8 +29,6 @@ import types
 
 logger = logging.getLogger("crystal_sglang")
 
-PTH_NAME = "crystal_sglang_cpu_support.pth"  # the start-up file the wheel installs (setup.py)
-
 _TORCHVISION_META = "torchvision._meta_registrations"
 _SGL_KERNEL = "sgl_kernel"
 

@@ -87,7 +87,7 @@ class StepBatch:
     sparsity: torch.Tensor | None = None  # [L, Bs, Hq]
     queries: torch.Tensor | None = None  # [L, B, Hq, d]
     scored_from: int = 0  # attention and sparsity hold the batch's rows scored_from, scored_from + 1, ...
-    _nuclei: dict[float, torch.Tensor] = field(default_factory=dict)
+    _nuclei: dict[float, torch.Tensor] = field(default_factory=dict, init=False, repr=False)  # by top_p
 
     def request(self, row: int, entries: int) -> StepScores:
         """Batch row `row`'s observations over its first `entries` entries (None where its row was not scored)."""
