@@ -54,6 +54,7 @@ class RequestEvictor:
         self.settings = spec.settings
         self.layout = layout
         self.prompt_length = prompt_length
+        self.full_length = full_length  # the most entries the row can hold (prompt + max new tokens)
         self.budget = spec.budget.resolve(full_length)
         self.state.budget = self.budget
         self.head_budgets = torch.full((shape.layers, shape.kv_heads), self.budget, dtype=torch.int64)
@@ -108,6 +109,21 @@ class RequestEvictor:
             if tuple(self._recent_tokens) == marker:
                 self.think_end = start + offset + 1 - len(marker)
                 return
+
+    def observing(self, entries: int) -> bool:
+        """Whether a decode step whose row holds `entries` needs observing (scores, queries): the integrations score
+        only the rows that do. Never for a request that cannot outgrow its budget; for a policy whose decisions
+        depend on its last `history` steps only, from that many steps before its first possible eviction."""
+        policy = self.policy
+        if not (policy.needs.scores or policy.needs.query_window):
+            return False
+        if policy.acts_within_budget:
+            return True
+        reach = self._smallest_budget + self.settings.buffer  # due once the row holds more than this
+        if self.full_length <= reach:
+            return False
+        history = policy.history
+        return history is None or entries + history > reach + 1
 
     def observe(self, scores: StepScores) -> None:
         self.policy.observe(self.state, scores, self.length - 1, self.valid)

@@ -238,6 +238,42 @@ def test_lrfu_limits_are_lru_and_lfu(policy, lam, expected):
             assert kept_positions(evictor, layer, head) == expected
 
 
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_a_request_that_cannot_outgrow_its_budget_is_not_observed(policy, calibration):
+    spec = make_test_spec(policy, 40, calibration, buffer=4, protect_prompt=False)
+    evictor = make_evictor(spec, 10, 44)  # 44 entries at most: never over budget + buffer
+    # ThinKV quantizes closed segments and demotes at transitions whatever the budget.
+    expected = policy == "thinkv"
+    assert [evictor.observing(n) for n in range(1, 45)] == [expected] * 44
+
+
+@pytest.mark.parametrize("policy", ["crystal", "crystal-lite"])
+@pytest.mark.parametrize("history", [1, 5, 30, None])
+def test_lrfu_observes_from_history_steps_before_its_first_eviction(policy, history):
+    spec = make_test_spec(policy, 16, history=history, buffer=4, protect_prompt=False)
+    evictor = make_evictor(spec, 3, 100)
+    first_due = 16 + 4 + 1  # entries of the first step that may evict
+    observed = [n for n in range(1, 101) if evictor.observing(n)]
+    start = 1 if history is None else max(1, first_due - history + 1)
+    assert observed == list(range(start, 101))
+    evictor.set_budget(8)  # tighter budgets (memory pressure) move the start earlier
+    assert evictor.observing(8 + 4 + 1 - (history or 100) + 1)
+
+
+@pytest.mark.parametrize("policy", ["h2o", "rkv", "snapkv"])
+def test_a_policy_without_history_bound_is_observed_from_its_first_step(policy, calibration):
+    spec = make_test_spec(policy, 16, calibration, buffer=4, protect_prompt=False)
+    evictor = make_evictor(spec, 3, 100)
+    assert evictor.policy.history is None
+    assert all(evictor.observing(n) for n in range(1, 101))
+
+
+def test_lrfu_history_is_validated():
+    with pytest.raises(ConfigError, match="history=0 must be at least 1 step"):
+        make_test_spec("crystal", 16, history=0)
+    assert make_test_spec("crystal", 16, history=None).params.history is None
+
+
 def test_lrfu_hit_decays_then_rewards():
     spec = make_test_spec("crystal-lite", 64, lam=0.5, top_p=0.9)
     evictor = make_evictor(spec, 2, 10)

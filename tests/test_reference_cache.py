@@ -14,7 +14,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, StoppingCriteria
 
+from crystal_sglang.kernels.score_reference import score_dense
 from crystal_sglang.policies import POLICIES, POLICY_NAMES
+from crystal_sglang.reference import cache as reference_cache
 from crystal_sglang.reference.cache import EvictingCache, RowRequest, cache_shape, evicting_attention
 from tests.policy_helpers import (
     NO_TRANSITION,
@@ -112,12 +114,17 @@ def check_cache_matches_evictors(cache: EvictingCache) -> None:
 
 # ---- budget >= length: bit-identical ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("policy", POLICY_NAMES)
-def test_budget_covering_the_request_is_bit_identical(policy, model, prompt, plain_output, calm_calibration):
+def test_budget_covering_the_request_is_bit_identical(policy, model, prompt, plain_output, calm_calibration,
+                                                      monkeypatch):  # fmt: skip
     # ThinKV at full precision: its quantization changes values whatever the budget.
     bits = dict(bits_reasoning=16, bits_execution=16, bits_transition=16) if policy == "thinkv" else {}
     spec = row_spec(policy, PROMPT + NEW_TOKENS, calm_calibration, **bits)
     cache = EvictingCache(CONFIG, [RowRequest(spec, PROMPT, PROMPT + NEW_TOKENS)])
+    scored = []
+    monkeypatch.setattr(reference_cache, "score_dense", lambda *a, **k: scored.append(1) or score_dense(*a, **k))
     output = generate(model, prompt, NEW_TOKENS, cache)
+    # A request that cannot outgrow its budget is not scored (ThinKV acts within budget: it is).
+    assert bool(scored) == (policy == "thinkv")
     assert torch.equal(output.sequences, plain_output.sequences)
     assert len(output.scores) == len(plain_output.scores) == NEW_TOKENS
     for step, (got, expected) in enumerate(zip(output.scores, plain_output.scores)):

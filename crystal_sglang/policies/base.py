@@ -202,6 +202,7 @@ class EvictionPolicy(ABC):
     reallocates: ClassVar[bool] = False  # Crystal-KV's Algorithm 2: budgets follow CRF per slot
     evicts: ClassVar[bool] = True
     changes_precision: ClassVar[bool] = False  # returns quantization orders from `transforms`
+    acts_within_budget: ClassVar[bool] = False  # may evict or quantize while the cache is within budget (ThinKV)
 
     def __init__(self, spec: EvictionSpec):
         self.spec = spec
@@ -211,6 +212,12 @@ class EvictionPolicy(ABC):
     @property
     def needs(self) -> ScoreNeeds:
         return ScoreNeeds()
+
+    @property
+    def history(self) -> int | None:
+        """Decode steps of observations a decision depends on (None: every step since the prefill). The evictor
+        asks for scores only from this many steps before a request's first possible eviction."""
+        return None
 
     def new_state(self, shape: CacheShape, device: torch.device | str = "cpu") -> PolicyState:
         return PolicyState(shape=shape, device=torch.device(device))

@@ -8,7 +8,8 @@ attended once and then forgotten ("SlipKV") decay and go. lam = 0 is LRU, lam = 
 
 Choices the paper leaves open (see docs/DESIGN.md): a new entry's creation counts as its first hit (crf = 1,
 tau = its step); the hit mask of a KV head is the nucleus of its GQA group's mean attention; hits are recorded
-every decode step while evictions run when the cache exceeds budget + buffer; ties go to the more recently hit,
+every decode step from `history` steps before the first eviction on (entries older than that keep their creation
+as their last hit), while evictions run when the cache exceeds budget + buffer; ties go to the more recently hit,
 then the newer entry.
 """
 
@@ -26,12 +27,18 @@ from crystal_sglang.policies.base import EvictionPolicy, PolicyState, ScoreNeeds
 class LRFUParams:
     top_p: float = 0.9  # nucleus of the attention that counts as a hit
     lam: float = 0.6  # retention per step (0: LRU, 1: LFU)
+    # Scores observed from this many steps before a request's first eviction on (None: from its first step). A hit
+    # 64 steps old weighs 0.6**64 = 6e-15 of a fresh one; scoring the steps before costs a product over the whole
+    # context per step for requests that may never reach their budget.
+    history: int | None = 64
 
     def validate(self) -> None:
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p={self.top_p} must lie in (0, 1]")
         if not 0 <= self.lam <= 1:
             raise ConfigError(f"lam={self.lam} must lie in [0, 1]")
+        if self.history is not None and self.history < 1:
+            raise ConfigError(f"history={self.history} must be at least 1 step (or null: every step)")
 
 
 class CrystalLite(EvictionPolicy):
@@ -41,6 +48,10 @@ class CrystalLite(EvictionPolicy):
     @property
     def needs(self) -> ScoreNeeds:
         return ScoreNeeds(attention=True)
+
+    @property
+    def history(self) -> int | None:
+        return self.params.history
 
     def initial_entries(self, state: PolicyState, count: int, step: int) -> dict[str, torch.Tensor]:
         shape = (state.shape.layers, state.shape.kv_heads, count)

@@ -133,6 +133,7 @@ class ThinKV(EvictionPolicy):
     name = "thinkv"
     Params = ThinKVParams
     changes_precision = True
+    acts_within_budget = True  # segments are quantized as they close, and a transition demotes under budget
 
     def __init__(self, spec):
         super().__init__(spec)

@@ -113,10 +113,6 @@ class EvictingCache(Cache):
             for row in rows
         ]  # fmt: skip
         self.entries = [0] * len(rows)  # physical entries per row (the largest over its heads)
-        self.needs = functools.reduce(ScoreNeeds.union, [evictor.policy.needs for evictor in self.evictors], ScoreNeeds())
-        # The rows whose policies read attention or sparsity, as one span of rows (a view of the store, no gather).
-        scored = [row for row, evictor in enumerate(self.evictors) if evictor.policy.needs.scores]
-        self.scored_rows = slice(scored[0], scored[-1] + 1) if scored else slice(0, 0)
         # Every layer's keys, values [L, B, H, capacity, d] and validity [L, B, H, capacity]; allocated at the prefill.
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
@@ -230,12 +226,16 @@ class EvictingCache(Cache):
             self._finish_step()
         return output.transpose(1, 2)
 
-    def _step_scores(self) -> StepBatch:
+    def _step_scores(self, observing: list[bool]) -> StepBatch:
         """This step's observations for every layer at once: the reference kernel over all layers' keys in one pass
-        (layers folded into the batch), [L, B, ...]."""
-        needs, queries = self.needs, torch.stack(self._queries)  # [L, B, Hq, d]
+        (layers folded into the batch), [L, B, ...], for the span of rows from the first to the last observing row
+        whose policy reads attention or sparsity (a view of the store, no gather)."""
+        watching = [evictor.policy.needs for evictor, watch in zip(self.evictors, observing) if watch]
+        needs = functools.reduce(ScoreNeeds.union, watching, ScoreNeeds())
+        queries = torch.stack(self._queries)  # [L, B, Hq, d]
         self._queries = []
-        rows = self.scored_rows
+        scored = [row for row, evictor in enumerate(self.evictors) if observing[row] and evictor.policy.needs.scores]
+        rows = slice(scored[0], scored[-1] + 1) if scored else slice(0, 0)
         scores = StepBatch(queries=queries if needs.query_window else None, scored_from=rows.start)
         if rows.stop == rows.start:
             return scores
@@ -259,11 +259,13 @@ class EvictingCache(Cache):
             self.entries[row] = self.rows[row].prompt_length
 
     def _finish_step(self) -> None:
-        step = self._step_scores()
+        observing = [evictor.observing(n + 1) for evictor, n in zip(self.evictors, self.entries)]
+        step = self._step_scores(observing)
         for row, evictor in enumerate(self.evictors):
             self.entries[row] += 1
             evictor.append(1)
-            evictor.observe(step.request(row, self.entries[row]))
+            if observing[row]:
+                evictor.observe(step.request(row, self.entries[row]))
             decision = evictor.decide(_RowContext(self, row))
             if decision is not None:
                 self._apply(row, decision)
