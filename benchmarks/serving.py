@@ -3,11 +3,12 @@
 Workload: N concurrent long generations (streamed, greedy, fixed length) against a pool that holds about four
 full-length requests. Per policy: output tokens/s, completed requests, peak running requests (polled from
 `/v1/loads`), retractions (the scheduler's log), TTFT and per-token latency. Then the policy overhead per decode
-step against context length: one batch of requests whose prompts fill the context, decoded with `none`, with
-the policy at a budget above the length (scoring and bookkeeping over the whole context, nothing evicted) and with
-the policy evicting at `--budget` (the prompt unprotected, so each request runs at that budget from its first
-step on while its positions continue from the context); per-token latency compared, and eviction's share of the
-policy's decode steps measured inside them once every request has settled.
+step against context length: one batch of requests whose prompts fill the context, decoded with `none` and with
+the policy in three settings: a budget above the full length (nothing to evict, so nothing is scored: the
+bookkeeping alone), a budget equal to the context (the prompt unprotected: every step scores the whole context
+and every 16 steps evict down to it) and `--budget` (each request runs at that budget from its first step on
+while its positions continue from the context); per-token latency compared, and eviction's share of the policy's
+decode steps measured inside them once every request has settled.
 Last, `--kv-evict none` against stock SGLang (this package's plugin not loaded: SGLang's `SGLANG_PLUGINS`
 whitelist leaves it out), fresh servers alternated, per-token latency at 2K context.
 
@@ -208,18 +209,20 @@ def measure_capacity(report: dict, save, model, device: list[str], policies: lis
 
 def measure_overhead(report: dict, save, model, device: list[str], policy: str, filler: list[int],
                      contexts: list[int], batch: int, rounds: int, out: Path) -> None:
-    """Per-token latency with `none`, with `policy` scoring without evicting (budget above the length) and with
-    `policy` evicting at the report's budget (prompt unprotected), the three alternated over `rounds` batches on
-    one server. Per policy variant: the median ratio of its step time to `none`'s over the rounds ("share"; a
+    """Per-token latency with `none` and with `policy` within budget (budget above the full length), held at the
+    context (budget = context) and evicting at the report's budget (prompt unprotected in both), the four
+    alternated over `rounds` batches on one server. Per policy variant: the median ratio of its step time to `none`'s over the rounds ("share"; a
     machine whose speed drifts between runs blurs it), and eviction's share measured inside its own settled decode
     steps ("in_step_share", which that drift does not blur): report["overhead"]."""
     longest = max(contexts)
     server_args = [*device, "--max-total-tokens", str(batch * (longest + OVERHEAD_TOKENS + 32) + 64), "--kv-evict",
                    policy, "--kv-evict-budget", str(longest * 2), "--disable-radix-cache", "--context-length",
                    str(longest + OVERHEAD_TOKENS), "--enable-metrics"]  # fmt: skip
-    variants = {"scoring": None, "evicting": {"kv_budget": report["budget"], "kv_evict_config": {"protect_prompt": False}}}
+    unprotected = {"kv_evict_config": {"protect_prompt": False}}
     with SGLangServer(model, server_args, log_path=out / "server-overhead.log") as server:
         for context in tqdm(contexts, desc="overhead vs context", unit="context"):
+            variants = {"within budget": None, "held": {"kv_budget": context, **unprotected},
+                        "evicting": {"kv_budget": report["budget"], **unprotected}}  # fmt: skip
             ids = filler[:context]  # request i (0 .. batch - 1) gets its last context - i tokens
             base, timed = [], {name: ([], []) for name in variants}
             for _ in range(rounds):
@@ -286,7 +289,7 @@ def plot(report: dict, path: Path) -> None:
     if overhead:
         axis = axes[0][len(metrics)]
         contexts = [int(c) for c in overhead]
-        variants = (("scoring", "scoring, nothing evicted", "tab:orange"),
+        variants = (("within budget", "within budget", "tab:grey"), ("held", "held at the context", "tab:orange"),
                     ("evicting", f"evicting at {report['budget']}", "tab:blue"))  # fmt: skip
         for name, label, color in variants:
             entries = [overhead[str(c)][name] for c in contexts]

@@ -2,15 +2,20 @@
 
 SGLang's `torch_native` backend gathers every request's keys and values from the pool for its decode attention,
 one request at a time. Scoring the same keys there spares the score reference a second gather of each row, the
-larger part of its cost on CPU. The attention is the backend's own sequence of ops (gather, dtype match,
-`scaled_dot_product_attention` per request), so its output is bit-identical; the scores equal `score_reference`.
-The gather is `index_select` on int64 slots, which copies the same values as the backend's advanced indexing with
-SGLang's int32 `req_to_token` several times faster on CPU (12x for 2K slots of [3, 64] floats, measured).
+larger part of its cost on CPU. The gather is `index_select` on int64 slots, which copies the same values as the
+backend's advanced indexing with SGLang's int32 `req_to_token` several times faster on CPU (12x for 2K slots of
+[3, 64] floats, measured).
 
-Scoring uses `score_dense`'s arithmetic (product in float32, then the scale, softmax, group mean) with fewer ops,
-whose fixed cost dominates at the row lengths eviction keeps. Short rows (below the reference's per-request
-switch) are gathered into one padded buffer, read by the attention as they are and scored together after the loop;
-longer rows are scored one at a time while their keys are in the CPU's caches, and need no mask.
+Rows that are not scored (their request cannot evict soon) run the backend's own sequence of ops (gather, dtype
+match, `scaled_dot_product_attention` per request), so their output is bit-identical to stock SGLang's. Short rows
+(below the reference's per-request switch) do too: they are gathered into one padded buffer, read by the attention
+as they are and scored together after the loop, where scoring is a few small ops. A long scored row is attended by
+hand instead (product, softmax, product with the values, in float32): its softmax is both the attention and the
+score, where scoring beside `scaled_dot_product_attention` would compute the product over the whole row a second
+time (about a third of the attention's cost at 2K). Its output then differs from SDPA's by rounding (~1e-7).
+
+Scoring uses `score_dense`'s arithmetic (product in float32, then the scale, softmax, group mean) with fewer ops;
+the scores equal `score_reference`'s.
 """
 
 from __future__ import annotations
@@ -34,11 +39,14 @@ def attend_and_score(
     scaling: float | None,
     enable_gqa: bool,
     sparsity_threshold: float | None = None,
+    scored: list[bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-    """query, output [B, Hq, d] (output written in place); caches [slots, Hkv, d].
+    """query, output [B, Hq, d] (output written in place); caches [slots, Hkv, d]; `scored`: the rows to score
+    (None: all).
 
     Returns `score_reference`'s "mean" scores [B, Hkv, n_max] and sparsity [B, 1, Hq] (or None) for the decode
-    queries, and the seconds spent scoring (the rest is the attention the backend runs anyway)."""
+    queries (zeros in long rows not scored), and the seconds spent scoring beyond the attention the backend runs
+    anyway (a long scored row's attention by hand counts as the backend's)."""
     lengths = seq_lens.tolist()
     batch, q_heads, dim = query.shape
     kv_heads, n_max = k_cache.shape[1], max(lengths, default=0)
@@ -58,6 +66,15 @@ def attend_and_score(
         else:
             keys = k_cache.index_select(0, tokens).movedim(0, 1)
         values = v_cache.index_select(0, tokens).movedim(0, 1)
+        if not padded and (scored is None or scored[i]):
+            logits = torch.matmul(grouped[i], keys.to(torch.float32).transpose(-1, -2)).mul_(scale)  # [Hkv, group, n]
+            probs = torch.softmax(logits, dim=-1)
+            output[i] = torch.matmul(probs, values.to(torch.float32)).view(q_heads, dim).to(output.dtype)
+            started = time.perf_counter()
+            _summarise(probs, scores[i, :, :length], None if sparsity is None else sparsity[i, 0],
+                       sparsity_threshold, float(length))  # fmt: skip
+            scoring += time.perf_counter() - started
+            continue
         request_query = heads_first[:, i : i + 1]  # [Hq, 1, d]
         if not (request_query.dtype == keys.dtype == values.dtype):
             keys, values = keys.to(request_query.dtype), values.to(request_query.dtype)
@@ -65,13 +82,6 @@ def attend_and_score(
             request_query.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), enable_gqa=enable_gqa, scale=scaling
         )
         output[i] = attended[0, :, 0]
-        if padded:
-            continue
-        started = time.perf_counter()
-        product = torch.matmul(grouped[i], keys.to(torch.float32).transpose(-1, -2)).mul_(scale)  # [Hkv, group, n]
-        _reduce(product, scores[i, :, :length], None if sparsity is None else sparsity[i, 0], sparsity_threshold,
-                float(length))  # fmt: skip
-        scoring += time.perf_counter() - started
     if padded:
         started = time.perf_counter()
         # Cast and heads-first layout in one copy, so that the product reads each head's keys contiguously.
@@ -88,12 +98,17 @@ def attend_and_score(
 
 def _reduce(logits: torch.Tensor, scores: torch.Tensor, sparsity: torch.Tensor | None, threshold: float | None,
             lengths: torch.Tensor | float) -> None:  # fmt: skip
-    """Softmax over entries and mean over the group, written into `scores` ([..., Hkv, n]); with `sparsity`
-    ([..., Hq]) the share of each query head's entries below `threshold` times its largest. `logits`
-    [..., Hkv, group, n] are -inf past each row's length (`lengths` [..., 1], or one row's as a number), whose
-    zero probabilities count as low and are taken out again."""
-    probs = torch.softmax(logits, dim=-1)
+    """Softmax over entries, then `_summarise`. `logits` [..., Hkv, group, n] are -inf past each row's length
+    (`lengths` [..., 1], or one row's as a number)."""
+    _summarise(torch.softmax(logits, dim=-1), scores, sparsity, threshold, lengths)
+
+
+def _summarise(probs: torch.Tensor, scores: torch.Tensor, sparsity: torch.Tensor | None, threshold: float | None,
+               lengths: torch.Tensor | float) -> None:  # fmt: skip
+    """The mean of `probs` [..., Hkv, group, n] over the group, written into `scores` ([..., Hkv, n]); with
+    `sparsity` ([..., Hq]) the share of each query head's entries below `threshold` times its largest (zero
+    probabilities past a row's length count as low and are taken out again)."""
     torch.mean(probs, dim=-2, out=scores)
     if sparsity is not None:
         low = (probs < threshold * probs.amax(dim=-1, keepdim=True)).sum(-1).flatten(-2)
-        sparsity.copy_((low - (logits.shape[-1] - lengths)).to(torch.float32) / lengths)
+        sparsity.copy_((low - (probs.shape[-1] - lengths)).to(torch.float32) / lengths)

@@ -84,7 +84,8 @@ def score_inside_torch_native_decode(original, backend, query, output, k_cache, 
 
 def start_decode_step(forward_batch, _cls, batch, *args, **kwargs):
     if forward_batch.forward_mode.is_decode():
-        offsets = _runtime.begin_decode(batch.reqs)
+        lengths = forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None else forward_batch.seq_lens
+        offsets = _runtime.begin_decode(batch.reqs, lengths.tolist())
         if offsets is not None:
             positions = forward_batch.positions
             forward_batch.positions = positions + torch.tensor(offsets, dtype=positions.dtype, device=positions.device)

@@ -31,7 +31,7 @@ from crystal_sglang.config import ConfigError, EvictionSpec, parse_budget
 from crystal_sglang.eviction import SHARED_SLOTS, RequestEvictor
 from crystal_sglang.kernels.fused_decode import attend_and_score
 from crystal_sglang.kernels.scores import extract_scores, score_backend
-from crystal_sglang.policies import create_policy, make_spec, policy_class
+from crystal_sglang.policies import make_spec, policy_class
 from crystal_sglang.policies.base import SPARSITY_THRESHOLD, CacheShape, ScoreNeeds, StepBatch, StepScores
 from crystal_sglang.patches.observability import EvictionMetrics, PoolSavings
 from crystal_sglang.patches.pool_ops import PoolSelectionContext, PoolView
@@ -135,7 +135,8 @@ class EvictionRuntime:
         self._unreported = (0, 0)  # slots freed and pressure reliefs since the metrics were last updated
         self.debug = os.environ.get(DEBUG_ENV) == "1"
         self.failed: set[str] = set()  # requests whose eviction raised: they continue without it
-        self.needs = ScoreNeeds()  # what the running batch's policies read, set when its forward pass starts
+        self.needs = ScoreNeeds()  # what the running batch's observed rows read, set when its forward pass starts
+        self.observing: list[bool] = []  # per row of that batch: does its evictor observe this step
         self.clock = DecodeClock()
         # torch_native gathers every request's keys for its decode attention: the scores are computed there.
         self.fused_scores = scheduler.server_args.attention_backend == "torch_native"
@@ -145,22 +146,19 @@ class EvictionRuntime:
 
     # ---- the forward pass ----------------------------------------------------------------------------------------
     @timed
-    def begin_decode(self, reqs) -> list[int] | None:
-        """A decode batch's forward pass starts: what its policies need scored, and the offsets that make its
-        positions logical (None when no request evicted yet)."""
+    def begin_decode(self, reqs, seq_lens: list[int]) -> list[int] | None:
+        """A decode batch's forward pass starts (rows of `seq_lens` entries, this step's included): which rows are
+        observed and what their policies need scored, and the offsets that make the positions logical (None when
+        no request evicted yet). A request is tracked from its first decode step on."""
         self.clock.step_started = time.perf_counter()
-        self.needs = functools.reduce(ScoreNeeds.union, (self._needs(req) for req in reqs), ScoreNeeds())
-        offsets = [self.tracked[req.rid].offset if req.rid in self.tracked else 0 for req in reqs]
+        tracked = [self.tracked.get(req.rid) or self._track(req) for req in reqs]
+        self.observing = [
+            req.rid not in self.failed and entry.evictor.observing(n) for req, entry, n in zip(reqs, tracked, seq_lens)
+        ]  # fmt: skip
+        watched = (entry.evictor.policy.needs for entry, watch in zip(tracked, self.observing) if watch)
+        self.needs = functools.reduce(ScoreNeeds.union, watched, ScoreNeeds())
+        offsets = [entry.offset for entry in tracked]
         return offsets if any(offsets) else None
-
-    def _needs(self, req) -> ScoreNeeds:
-        tracked = self.tracked.get(req.rid)
-        if tracked is not None:
-            return tracked.evictor.policy.needs
-        needs = getattr(req, "_kv_evict_needs", None)  # its first decode step: it is tracked at the end of it
-        if needs is None:
-            needs = req._kv_evict_needs = create_policy(req_spec(req, self.spec)).needs
-        return needs
 
     def attend_and_score(self, layer_id: int, query, output, k_cache, v_cache, req_to_token, req_pool_indices,
                          seq_lens, scaling, enable_gqa: bool) -> torch.Tensor:  # fmt: skip
@@ -168,7 +166,8 @@ class EvictionRuntime:
         (`kernels.fused_decode`); the scores wait for `record_layer`."""
         threshold = SPARSITY_THRESHOLD if self.needs.sparsity else None
         scores, sparsity, scoring = attend_and_score(query, output, k_cache, v_cache, req_to_token,
-                                                     req_pool_indices, seq_lens, scaling, enable_gqa, threshold)
+                                                     req_pool_indices, seq_lens, scaling, enable_gqa, threshold,
+                                                     self.observing)  # fmt: skip
         self.clock.policy += scoring
         self._fused[layer_id] = (scores, sparsity)
         return output
@@ -243,16 +242,14 @@ class EvictionRuntime:
     def _step_request(self, req, i: int, n: int, step: StepBatch | None) -> int:
         """Feed one request its step and apply its decision; returns the entries its row holds afterwards."""
         tracked = self.tracked.get(req.rid)
-        if tracked is None:
-            tracked = self.tracked[req.rid] = self._track(req)
-            tracked.evictor.append(n)
-        else:
-            tracked.evictor.append(1)
+        if tracked is None:  # tracked since the step began, unless it was forgotten (retracted) meanwhile
+            tracked = self._track(req)
         evictor = tracked.evictor
+        evictor.append(1 if evictor.entries else n)  # its first decode step brings the prompt along
         if evictor.entries != n:
             raise RuntimeError(f"the evictor holds {evictor.entries} entries, the pool row {n}")
         evictor.pinned = req.kv.cache_protected_len
-        scores = self._step_scores(step, evictor.policy.needs, i, n)
+        scores = self._step_scores(step, evictor.policy.needs, i, n) if self.observing[i] else None
         if scores is not None:
             evictor.observe(scores)
         self._show_tokens(req, tracked)
@@ -338,6 +335,7 @@ class EvictionRuntime:
         batch.seq_lens_sum = None
 
     def _track(self, req) -> _Tracked:
+        """A new evictor for the request, registered; its first decode step appends the prompt to it."""
         spec = req_spec(req, self.spec)
         prompt = len(req.origin_input_ids)
         evictor = RequestEvictor(
@@ -345,7 +343,8 @@ class EvictionRuntime:
             device=self.pool.req_to_token.device, layout=SHARED_SLOTS,
             end_of_think_ids=self._marker_ids(spec.settings.end_of_think),
         )  # fmt: skip
-        return _Tracked(evictor, tokens_seen=0)
+        tracked = self.tracked[req.rid] = _Tracked(evictor, tokens_seen=0)
+        return tracked
 
     def _marker_ids(self, marker: str | None) -> tuple[int, ...]:
         if marker not in self._end_of_think:
