@@ -21,6 +21,7 @@ from crystal_sglang.policies.base import (
     SelectionContext,
     SelectionInput,
     StepScores,
+    fill_holes,
 )
 
 SHARED_SLOTS = "shared"  # every head keeps the same number of entries (SGLang: slots are shared by all layers)
@@ -173,6 +174,8 @@ class RequestEvictor:
             self._reallocate(selection)
             selection.budgets = self.effective_budgets(selection.protected)
         decision = self.policy.select(self.state, selection)
+        if not self.policy.slot_order_matters and decision.keep_valid is None:
+            decision.keep = fill_holes(decision.keep, self.entries)
         decision.quantize = quantize
         self._apply(decision)
         return decision

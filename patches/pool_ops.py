@@ -1,9 +1,10 @@
 """What an eviction decision does to SGLang's pools: one request's row, its KV slots, its lengths.
 
 A request's row `req_to_token[row, :n]` lists its n slots. After a decision keeping k entries per (layer, KV head),
-each head's kept entries are moved into the row's first k slots (heads may hold different tokens in the same
-slot), the slots at row positions [k, n) go back to the allocator, and the request's KV lengths become k. Slots
-below `cache_protected_len` belong to the prefix cache: they are protected, so they keep their place.
+each head's kept entries are moved into the row's first k slots as `keep` orders them (heads may hold different
+tokens in the same slot; an entry that stays in its slot is not moved), the slots at row positions [k, n) go back
+to the allocator, and the request's KV lengths become k. Slots below `cache_protected_len` belong to the prefix
+cache: they are protected, so they keep their place.
 """
 
 from __future__ import annotations
@@ -47,15 +48,18 @@ class PoolView:
         keep = decision.keep.to(slots.device)
         layers, heads, k = keep.shape
         # Rows of each buffer seen as [slots * heads, d]: head h of slot s is row s * heads + h. Head h's j-th kept
-        # entry moves to head h of the row's j-th slot; index_select/index_copy_ on these rows is several times
-        # faster on CPU than the same move by advanced indexing.
+        # entry moves to head h of the row's j-th slot, unless it is there already; index_select/index_copy_ on
+        # these rows is several times faster on CPU than the same move by advanced indexing.
         head = torch.arange(heads, device=slots.device).view(1, heads, 1)
         source = (slots[keep] * heads + head).view(layers, heads * k)
         target = (slots[:k].view(1, 1, k) * heads + head).view(heads * k)
+        moved = (keep != torch.arange(k, device=slots.device)).view(layers, heads * k)
         for layer in range(self.layers):
+            which = moved[layer].nonzero().squeeze(1)
+            sources, targets = source[layer].index_select(0, which), target.index_select(0, which)
             for buffer in self.buffers(layer):
                 rows = buffer.view(-1, buffer.shape[-1])
-                rows.index_copy_(0, target, rows.index_select(0, source[layer]))
+                rows.index_copy_(0, targets, rows.index_select(0, sources))
         if k < n:
             self.tree_cache.free_kv_row(req.kv, [(k, n)])
         return k

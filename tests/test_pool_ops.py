@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crystal_sglang.patches.pool_ops import PoolView
-from crystal_sglang.policies.base import Decision
+from crystal_sglang.policies.base import Decision, fill_holes
 
 
 class StandInPool:
@@ -38,6 +38,7 @@ class FreedRows:
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(2, 40), heads=st.integers(1, 4), data=st.data())
 def test_compaction_moves_each_heads_kept_entries_to_the_rows_first_slots(seed, n, heads, data):
+    """Slot j of each head ends up holding the entry `keep` names for it, whatever the order; nothing else moves."""
     generator = torch.Generator().manual_seed(seed)
     layers, slots, dim = 3, 64, 5
     pool = StandInPool(layers, slots, heads, dim, generator)
@@ -48,6 +49,8 @@ def test_compaction_moves_each_heads_kept_entries_to_the_rows_first_slots(seed, 
     k = data.draw(st.integers(1, n))
     keep = torch.stack([torch.stack([torch.randperm(n, generator=generator)[:k].sort().values for _ in range(heads)])
                         for _ in range(layers)])  # fmt: skip
+    if data.draw(st.booleans()):  # the order-free policies' keep: freed slots in front filled from behind
+        keep = fill_holes(keep, n)
     before = [(key.clone(), value.clone()) for key, value in zip(pool.keys, pool.values)]
     req = SimpleNamespace(kv=SimpleNamespace(req_pool_idx=1))
 
@@ -62,3 +65,21 @@ def test_compaction_moves_each_heads_kept_entries_to_the_rows_first_slots(seed, 
             untouched[row[:k]] = False
             assert torch.equal(now[untouched], then[untouched])
     assert tree.freed == ([[(k, n)]] if k < n else [])
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 60), heads=st.integers(1, 4), data=st.data())
+def test_filling_holes_keeps_the_set_moves_only_what_was_behind(seed, n, heads, data):
+    generator = torch.Generator().manual_seed(seed)
+    k = data.draw(st.integers(1, n))
+    keep = torch.stack([torch.stack([torch.randperm(n, generator=generator)[:k].sort().values for _ in range(heads)])
+                        for _ in range(2)])  # fmt: skip
+    filled = fill_holes(keep, n)
+    assert filled.shape == keep.shape
+    assert torch.equal(filled.sort(-1).values, keep)  # the same entries kept
+    front = keep < k  # kept entries already in the first k slots stay in their slot
+    for layer in range(2):
+        for head in range(heads):
+            stay = keep[layer, head][front[layer, head]]
+            assert torch.equal(filled[layer, head][stay], stay)
+    assert int((filled != torch.arange(k)).sum(-1).max()) <= n - k

@@ -165,7 +165,7 @@ class QuantizeOrder:
 
 @dataclass
 class Decision:
-    keep: torch.Tensor | None = None  # [L, H, k] slot indices to keep, ascending per head
+    keep: torch.Tensor | None = None  # [L, H, k] per head, the slot whose entry the compacted row's slot j holds
     keep_valid: torch.Tensor | None = None  # [L, H, k] False where a head keeps fewer (per-head budgets only)
     quantize: list[QuantizeOrder] = field(default_factory=list)
 
@@ -203,6 +203,10 @@ class EvictionPolicy(ABC):
     evicts: ClassVar[bool] = True
     changes_precision: ClassVar[bool] = False  # returns quantization orders from `transforms`
     acts_within_budget: ClassVar[bool] = False  # may evict or quantize while the cache is within budget (ThinKV)
+    # Neighbouring slots must hold neighbouring tokens (R-KV's and SnapKV's pooling, ThinKV's quantization groups):
+    # compaction then keeps the kept entries in token order; otherwise the freed slots in front are filled from
+    # behind (`fill_holes`), which moves far fewer entries.
+    slot_order_matters: ClassVar[bool] = True
 
     def __init__(self, spec: EvictionSpec):
         self.spec = spec
@@ -287,3 +291,17 @@ def keep_top(
     chosen = torch.gather(chosen, -1, order)
     chosen_valid = torch.gather(chosen_valid, -1, order)
     return chosen, (None if bool(chosen_valid.all()) else chosen_valid)
+
+
+def fill_holes(keep: torch.Tensor, n: int) -> torch.Tensor:
+    """`keep` [L, H, k] (ascending per head, every head keeping k of its n slots) reordered so that each kept entry
+    in the first k slots stays where it is and the kept entries behind them fill the freed slots in front, in
+    order: a compaction then moves at most n - k entries per head instead of every entry after the first freed
+    slot."""
+    layers, heads, k = keep.shape
+    kept = torch.zeros((layers, heads, n), dtype=torch.bool, device=keep.device).scatter_(-1, keep, True)
+    filled = torch.arange(k, device=keep.device).expand(layers, heads, k).clone()
+    holes = (~kept[..., :k]).nonzero()  # [m, 3], in (layer, head, slot) order
+    behind = kept[..., k:].nonzero()  # as many per head as it has holes, in the same order
+    filled[holes[:, 0], holes[:, 1], holes[:, 2]] = behind[:, 2] + k
+    return filled

@@ -9,6 +9,7 @@ from crystal_sglang.policies.base import EvictionPolicy, PolicyState, ScoreNeeds
 
 class H2O(EvictionPolicy):
     name = "h2o"
+    slot_order_matters = False
 
     @property
     def needs(self) -> ScoreNeeds:

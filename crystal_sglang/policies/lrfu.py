@@ -43,6 +43,7 @@ class LRFUParams:
 
 class CrystalLite(EvictionPolicy):
     name = "crystal-lite"
+    slot_order_matters = False
     Params = LRFUParams
 
     @property

@@ -9,6 +9,7 @@ from crystal_sglang.policies.base import CacheShape, EvictionPolicy, PolicyState
 
 class RandomEviction(EvictionPolicy):
     name = "random"
+    slot_order_matters = False
 
     def new_state(self, shape: CacheShape, device: torch.device | str = "cpu") -> PolicyState:
         state = super().new_state(shape, device)

@@ -9,6 +9,7 @@ from crystal_sglang.policies.base import EvictionPolicy, PolicyState, SelectionI
 
 class StreamingLLM(EvictionPolicy):
     name = "streamingllm"
+    slot_order_matters = False
 
     def priority(self, state: PolicyState, selection: SelectionInput) -> torch.Tensor:
         return selection.positions.to(torch.float64)
