@@ -298,6 +298,7 @@ def plot(report: dict, path: Path) -> None:
             axis.plot(contexts, [100 * e["in_step_share"] for e in entries], "s--", color=color,
                       label=f"{label}: share inside its steps")
         axis.axhline(0, color="grey", linewidth=0.5)
+        axis.axhline(10, color="red", linestyle=":", linewidth=0.8, label="target: 10 % of a step")
         axis.set_xlabel("context (tokens)")
         axis.set_title("policy overhead per step (%)")
         axis.legend(fontsize=7)
