@@ -211,9 +211,10 @@ def measure_overhead(report: dict, save, model, device: list[str], policy: str, 
                      contexts: list[int], batch: int, rounds: int, out: Path) -> None:
     """Per-token latency with `none` and with `policy` within budget (budget above the full length), held at the
     context (budget = context) and evicting at the report's budget (prompt unprotected in both), the four
-    alternated over `rounds` batches on one server. Per policy variant: the median ratio of its step time to `none`'s over the rounds ("share"; a
-    machine whose speed drifts between runs blurs it), and eviction's share measured inside its own settled decode
-    steps ("in_step_share", which that drift does not blur): report["overhead"]."""
+    alternated over `rounds` batches on one server. Per policy variant: the median ratio of its step time to
+    `none`'s over the rounds ("share"; a machine whose speed drifts between runs blurs it), and eviction's share
+    measured inside its own settled decode steps ("in_step_share", which that drift does not blur):
+    report["overhead"]."""
     longest = max(contexts)
     server_args = [*device, "--max-total-tokens", str(batch * (longest + OVERHEAD_TOKENS + 32) + 64), "--kv-evict",
                    policy, "--kv-evict-budget", str(longest * 2), "--disable-radix-cache", "--context-length",

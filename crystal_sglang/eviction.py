@@ -78,7 +78,8 @@ class RequestEvictor:
     @head_budgets.setter
     def head_budgets(self, budgets: torch.Tensor) -> None:
         self._head_budgets = budgets
-        self._smallest_budget = int(budgets.min())
+        # No eviction is due while the row holds at most this many entries (the smallest budget + buffer).
+        self._due_beyond = int(budgets.min()) + self.settings.buffer
 
     # ---- what happened -------------------------------------------------------------------------------------------
     @property
@@ -120,11 +121,10 @@ class RequestEvictor:
             return False
         if policy.acts_within_budget:
             return True
-        reach = self._smallest_budget + self.settings.buffer  # due once the row holds more than this
-        if self.full_length <= reach:
+        if self.full_length <= self._due_beyond:
             return False
         history = policy.history
-        return history is None or entries + history > reach + 1
+        return history is None or entries + history > self._due_beyond + 1
 
     def observe(self, scores: StepScores) -> None:
         self.policy.observe(self.state, scores, self.length - 1, self.valid)
@@ -153,7 +153,7 @@ class RequestEvictor:
         # No head holds more than the row, and effective budgets are never below the head budgets: most steps are
         # settled by the row length, the rest mostly without the protection mask.
         buffer = self.settings.buffer
-        over = self.entries - self._smallest_budget > buffer
+        over = self.entries > self._due_beyond
         if over:
             held = self.valid.sum(-1)
             over = bool((held - self.head_budgets).max() > buffer) and bool(
