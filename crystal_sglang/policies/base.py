@@ -108,36 +108,40 @@ class StepBatch:
         return self._nuclei[top_p]
 
 
-NUCLEUS_FIRST_K = 64  # candidates tried first; most heads' attention is peaked, a 0.9 nucleus rarely needs more
+# Buckets of the nucleus search: a float32's exponent and its first 3 mantissa bits (each bucket spans 2**(1/8),
+# 9 %), over the 24 octaves below 1; everything under 2**-23 shares the lowest bucket with the zeros.
+_BUCKET_SHIFT = 20
+_BUCKETS = 192
+_LOWEST_BUCKET = (0x3F800000 >> _BUCKET_SHIFT) - _BUCKETS + 1  # 1.0's bits, shifted, is the highest bucket
 
 
 def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Smallest set of entries (per row) whose probabilities sum to at least `top_p`; never a zero entry.
 
-    Looks among each row's k largest entries only, and widens k (x4) for the rows whose nucleus is not inside
-    them yet (their top k fall short of `top_p` and the k-th is not 0): a partial top-k instead of a full sort,
-    and the few flat rows (a head attending broadly) do not widen the search of the peaked ones."""
+    Sort-free: a histogram of each row's mass over logarithmic buckets (read off the float's bits) finds the bucket
+    where the running mass from the top crosses `top_p`; every entry above it is in, and only the few entries inside
+    it (about ten per row on the model's attention) are sorted to finish the set. A partial top-k widened until it
+    held the nucleus took 3.5x longer on attention rows recorded from the model (720 rows of 2K)."""
     width = probs.shape[-1]
-    rows = probs.reshape(-1, width)
-    hit = torch.zeros(rows.shape, dtype=torch.bool, device=probs.device)
-    pending = None  # the rows whose nucleus is not found yet (None: every row)
-    k = min(width, NUCLEUS_FIRST_K)
-    while True:
-        values, order = torch.topk(rows if pending is None else rows.index_select(0, pending), k, dim=-1)
-        inside = (torch.cumsum(values, dim=-1) - values < top_p) & (values > 0)
-        if pending is None:  # the first pass writes every row; the rows it leaves open are written again later
-            hit.scatter_(-1, order, inside)
-        else:
-            hit[pending] = torch.zeros((pending.numel(), width), dtype=torch.bool, device=probs.device).scatter_(
-                -1, order, inside)
-        if k == width:
-            break
-        short = (values.sum(-1) < top_p) & (values[:, -1] > 0)
-        if not bool(short.any()):
-            break
-        open_rows = short.nonzero().squeeze(1)
-        pending = open_rows if pending is None else pending[open_rows]
-        k = min(width, 4 * k)
+    rows = probs.reshape(-1, width).to(torch.float32)
+    count = rows.shape[0]
+    bits = rows.view(torch.int32)  # ordered like the values, which are not negative
+    bucket = torch.bitwise_right_shift(bits, _BUCKET_SHIFT).sub_(_LOWEST_BUCKET).clamp_(0, _BUCKETS - 1).long()
+    mass = rows.new_zeros(count, _BUCKETS).scatter_add_(1, bucket, rows).cumsum_(-1)
+    above = mass[:, -1:] - mass  # per bucket, the row's mass in the buckets above it (non-increasing)
+    crossing = _BUCKETS - (above < top_p).sum(-1, keepdim=True)  # the lowest bucket with less than top_p above
+    need = (top_p - above.gather(1, crossing)).squeeze(1).to(torch.float64)
+    hit = bucket > crossing
+    row, column = (bucket == crossing).nonzero(as_tuple=True)
+    value = rows[row, column].to(torch.float64)
+    order = torch.argsort(-value, stable=True)
+    order = order[torch.argsort(row[order], stable=True)]  # by row, largest first within a row
+    row, column, value = row[order], column[order], value[order]
+    before = value.cumsum(0) - value
+    per_row = torch.bincount(row, minlength=count)
+    before -= before[(per_row.cumsum(0) - per_row)[row]]  # the mass before each entry within its own row
+    taken = (before < need[row]) & (value > 0)
+    hit[row[taken], column[taken]] = True
     return hit.reshape(probs.shape)
 
 
