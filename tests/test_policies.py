@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from crystal_sglang.config import ConfigError
 from crystal_sglang.eviction import PER_HEAD, SHARED_SLOTS
 from crystal_sglang.policies import POLICIES, POLICY_NAMES, create_policy, policy_class
-from crystal_sglang.policies.base import CacheShape, SelectionInput, StepBatch, StepScores, nucleus
+from crystal_sglang.policies.base import CacheShape, SelectionInput, StepBatch, StepScores, keep_top, nucleus
 from crystal_sglang.policies.rkv import redundancy
 from crystal_sglang.policies.thinkv import EXECUTION, REASONING, TRANSITION, Calibration, kmeans_survivors
 from tests.policy_helpers import (
@@ -323,6 +323,35 @@ def test_nucleus_is_the_smallest_top_set_reaching_top_p(seed, width, sharpness, 
         elif kept.numel():
             assert kept.sum() >= top_p - tolerance
             assert kept.sum() - kept.min() < top_p + tolerance
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), width=st.integers(1, 60), levels=st.integers(1, 6),
+       invalid=st.sampled_from([0.0, 0.3]), per_head=st.booleans())
+def test_keep_top_is_the_lexicographic_order(seed, width, levels, invalid, per_head):
+    """The sort-free selection keeps, per head, what sorting every entry by (protected, priority, tiebreak, older
+    slot first; invalid slots last) keeps, in ascending slot order; heavy ties in priority and tiebreak, invalid entries, budgets above
+    and below the row, equal or per-head."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (2, 3, width)
+    priority = torch.randint(0, levels, shape, generator=generator).double()
+    tiebreak = torch.randint(0, levels, shape, generator=generator).double()
+    protected = torch.rand(shape, generator=generator) < 0.1
+    valid = torch.rand(shape, generator=generator) >= invalid
+    budgets = torch.randint(1, width + 3, shape[:2] if per_head else (1, 1), generator=generator).expand(shape[:2])
+    keep, keep_valid = keep_top(priority, tiebreak, budgets, protected, valid)
+    for head in range(6):
+        layer, kv_head = divmod(head, 3)
+        key = priority[layer, kv_head].masked_fill(protected[layer, kv_head], float("inf"))
+        key = key.masked_fill(~valid[layer, kv_head], float("-inf"))  # an invalid slot holds nothing: last
+        ranked = sorted(range(width), key=lambda slot: (-float(key[slot]), -float(tiebreak[layer, kv_head, slot]),
+                                                        slot))  # fmt: skip
+        expected = sorted(s for s in ranked[: int(budgets[layer, kv_head])] if valid[layer, kv_head, s])
+        row = keep[layer, kv_head]
+        kept = row if keep_valid is None else row[keep_valid[layer, kv_head]]
+        assert kept.tolist() == expected
+        if keep_valid is not None:
+            assert keep_valid[layer, kv_head].tolist() == sorted(keep_valid[layer, kv_head].tolist(), reverse=True)
 
 
 @settings(max_examples=40, deadline=None)

@@ -275,26 +275,52 @@ def keep_top(
     protected: torch.Tensor,
     valid: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per head: all protected entries, then the best others by (priority, tiebreak) up to the head's budget.
+    """Per head: all protected entries, then the best others by (priority, tiebreak, older slot first) up to the
+    head's budget.
 
     Returns kept slot indices [L, H, k] ascending per head, with k the largest budget, and a validity mask where
-    heads keep fewer than k (None when every head keeps k)."""
+    heads keep fewer than k (None when every head keeps k). Sort-free: a partial top-k from whichever side is
+    shorter (the kept entries, or the evicted ones when an eviction removes few) and an exact order among the
+    entries tied at its boundary; three full sorts per head took 5x longer for 17 of 2K entries."""
     layers, heads, n = priority.shape
     key = priority.to(torch.float64).masked_fill(protected, float("inf")).masked_fill(~valid, float("-inf"))
-    # Lexicographic order: sort by the tie-break, then stably by the key.
-    order = torch.sort(tiebreak.to(torch.float64), dim=-1, descending=True, stable=True).indices
-    key_in_order = torch.gather(key, -1, order)
-    ranked = torch.gather(order, -1, torch.sort(key_in_order, dim=-1, descending=True, stable=True).indices)
-    k = int(budgets.max())
-    k = min(k, n)
-    chosen = ranked[..., :k]
-    chosen_valid = torch.arange(k, device=priority.device).view(1, 1, k) < budgets.unsqueeze(-1)
-    chosen_valid &= torch.gather(valid, -1, chosen)
-    # Ascending slot order among the kept entries; padding entries go last.
-    order = torch.sort(chosen.masked_fill(~chosen_valid, n), dim=-1, stable=True).indices
-    chosen = torch.gather(chosen, -1, order)
-    chosen_valid = torch.gather(chosen_valid, -1, order)
-    return chosen, (None if bool(chosen_valid.all()) else chosen_valid)
+    tiebreak = tiebreak.to(torch.float64)
+    k = min(int(budgets.max()), n)
+    quota = budgets.clamp(max=n)
+    if k <= n - k:
+        kept = _first_in_order(key, tiebreak, quota, newer_slots_first=False)
+    else:  # the worst n - quota go; the reverse of the order puts the newer slot first among full ties
+        kept = ~_first_in_order(-key, -tiebreak, n - quota, newer_slots_first=True)
+    kept &= valid
+    slot_in_keep = torch.where(kept, kept.cumsum(-1) - 1, k)  # ascending slots, dropped ones to a spare column
+    slots = torch.arange(n, device=priority.device).expand(layers, heads, n)
+    keep = torch.zeros((layers, heads, k + 1), dtype=torch.int64, device=priority.device)
+    keep = keep.scatter_(-1, slot_in_keep, slots)[..., :k]
+    counts = kept.sum(-1, keepdim=True)
+    keep_valid = torch.arange(k, device=priority.device).view(1, 1, k) < counts
+    return keep, (None if bool(keep_valid.all()) else keep_valid)
+
+
+def _first_in_order(key: torch.Tensor, tiebreak: torch.Tensor, counts: torch.Tensor,
+                    newer_slots_first: bool) -> torch.Tensor:  # fmt: skip
+    """[L, H, n] bool: per head, its first `counts` entries by key (descending), then tiebreak (descending), then
+    slot (ascending, or descending with `newer_slots_first`): a partial top-k of the keys, one of the tiebreaks
+    among the entries tied at the boundary key, and slot order among those tied at both boundaries."""
+    first = torch.zeros(key.shape, dtype=torch.bool, device=key.device)
+    tied = (counts > 0).unsqueeze(-1).expand(key.shape)  # entries still in contention
+    for values in (key, tiebreak):
+        need = counts - first.sum(-1)
+        most = int(need.max()) if need.numel() else 0
+        if most == 0:
+            return first
+        candidates = values.masked_fill(~tied, float("-inf"))
+        boundary = torch.topk(candidates, most, dim=-1).values.gather(-1, (need - 1).clamp(min=0).unsqueeze(-1))
+        tied = tied & (need > 0).unsqueeze(-1)
+        first |= tied & (candidates > boundary)
+        tied = tied & (candidates == boundary)
+    need = (counts - first.sum(-1)).unsqueeze(-1)
+    rank = tied.flip(-1).cumsum(-1).flip(-1) if newer_slots_first else tied.cumsum(-1)
+    return first | (tied & (rank <= need))
 
 
 def fill_holes(keep: torch.Tensor, n: int) -> torch.Tensor:
