@@ -286,10 +286,13 @@ class EvictingCache(Cache):
             values.scatter_(2, index, fake_quantize_values(torch.gather(values, 2, index), order.bits, order.group))
         if decision.keep is None:
             return
-        k = decision.keep.shape[-1]
-        index = decision.keep.unsqueeze(-1).expand(-1, -1, -1, dim)
-        keys[:, :, :k] = torch.gather(keys, 2, index)
-        values[:, :, :k] = torch.gather(values, 2, index)
+        keep = decision.keep
+        k = keep.shape[-1]
+        # Only the entries whose slot changes move (with `fill_holes`, at most the evicted count per head).
+        layer, head, slot = (keep != torch.arange(k, device=keep.device)).nonzero(as_tuple=True)
+        source = keep[layer, head, slot]
+        keys[layer, head, slot] = keys[layer, head, source]
+        values[layer, head, slot] = values[layer, head, source]
         valid = self.valid[:, row]
         valid[:, :, :k] = True if decision.keep_valid is None else decision.keep_valid
         valid[:, :, k:] = False
