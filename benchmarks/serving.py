@@ -155,9 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     overhead_batch = 4 if args.quick else 8
     rounds = 2 if args.quick else 3  # alternated measurements of the overhead and of none against stock
     model = prepare_default_model()
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
+    # A context plus the sweep's new tokens must fit the model's positions (SGLang refuses a longer context length).
+    longest = AutoConfig.from_pretrained(model).max_position_embeddings - OVERHEAD_TOKENS
+    if max(contexts) > longest:
+        print(f"overhead sweep: contexts above {longest} run at {longest} (the model has "
+              f"{longest + OVERHEAD_TOKENS} positions, {OVERHEAD_TOKENS} of them for new tokens)", flush=True)
+        contexts = sorted({min(context, longest) for context in contexts})
     problems = load_problems(limit=requests) * (1 + requests // len(load_problems()))
     prompts = [tokenizer.apply_chat_template(chat_messages(p), add_generation_prompt=True, tokenize=False)
                for p in problems[:requests]]
