@@ -330,8 +330,8 @@ def test_nucleus_is_the_smallest_top_set_reaching_top_p(seed, width, sharpness, 
        invalid=st.sampled_from([0.0, 0.3]), per_head=st.booleans())
 def test_keep_top_is_the_lexicographic_order(seed, width, levels, invalid, per_head):
     """The sort-free selection keeps, per head, what sorting every entry by (protected, priority, tiebreak, older
-    slot first; invalid slots last) keeps, in ascending slot order; heavy ties in priority and tiebreak, invalid entries, budgets above
-    and below the row, equal or per-head."""
+    slot first; invalid slots last) keeps, in ascending slot order; heavy ties in priority and tiebreak, invalid
+    entries, budgets above and below the row, equal or per-head."""
     generator = torch.Generator().manual_seed(seed)
     shape = (2, 3, width)
     priority = torch.randint(0, levels, shape, generator=generator).double()
