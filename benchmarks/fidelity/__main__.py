@@ -9,7 +9,7 @@ top-1 agreement with the full cache, mean KL(full || policy), perplexity of the 
 reasoning and the answer part, and the greedy-match length. With `--problems` (MATH-500 JSONL), real solutions
 chained into long conversations are replayed too (scored on the solutions only).
 
-    python -m benchmarks.fidelity [--quick] [--problems FILE] [--out results/fidelity]
+    python -m benchmarks.fidelity [--quick] [--problems FILE [--solutions-only]] [--out results/fidelity]
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="4 prompts, 256 new tokens, budgets 64/128/10%%/20%% "
                         "(default: 20 prompts, 512 new tokens, budgets 64/128/256/10%%/20%%/30%%)")
     parser.add_argument("--problems", type=Path, help="MATH-500-style JSONL (`problem`, optional `solution`)")
+    parser.add_argument("--solutions-only", action="store_true",
+                        help="replay only the chained solutions of --problems, not the greedy traces")
     parser.add_argument("--out", type=Path, default=Path("results/fidelity"))
     parser.add_argument("--prompts", type=int, help="number of prompts (default: 4 quick, 20 full)")
     parser.add_argument("--new-tokens", type=int, help="greedy trace limit (default: 256 quick, 512 full)")
@@ -61,6 +63,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-kvpress", action="store_true", help="skip the kvpress peer")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = parser.parse_args()
+    if args.solutions_only and args.problems is None:
+        parser.error("--solutions-only replays the solutions of --problems: pass --problems FILE")
     mode = MODES["quick" if args.quick else "full"]
     args.mode = "quick" if args.quick else "full"
     args.prompts = args.prompts or mode["prompts"]
@@ -241,12 +245,13 @@ def main() -> None:
         data["wall_seconds_total"] = time.monotonic() - started
         write_outputs(data, args)
 
-    traces_started = time.monotonic()
-    traces = greedy_traces(model, tokenizer, problems, args.new_tokens)
-    trace_seconds = time.monotonic() - traces_started
-    section = run_protocol("greedy_traces", traces, model, model_path, args, settings, end_of_think_ids)
-    section["wall_seconds"]["traces"] = trace_seconds
-    finished("greedy_traces", section)
+    if not args.solutions_only:
+        traces_started = time.monotonic()
+        traces = greedy_traces(model, tokenizer, problems, args.new_tokens)
+        trace_seconds = time.monotonic() - traces_started
+        section = run_protocol("greedy_traces", traces, model, model_path, args, settings, end_of_think_ids)
+        section["wall_seconds"]["traces"] = trace_seconds
+        finished("greedy_traces", section)
     if args.problems is not None:
         records = [json.loads(line) for line in args.problems.read_text().splitlines() if line.strip()]
         records = [r for r in records if r.get("solution")]
