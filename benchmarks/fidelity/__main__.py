@@ -172,10 +172,12 @@ def write_outputs(data: dict, args) -> None:
     suffix = "-quick" if args.mode == "quick" else ""
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"fidelity{suffix}.json").write_text(json.dumps(data, indent=1))
+    replayed = (f"chained solutions of at least {args.solution_tokens} tokens" if args.solutions_only else
+                f"greedy traces of at most {data['new_tokens']} new tokens")  # fmt: skip
     lines = [
         f"# Fidelity to the full cache ({args.mode} mode)", "",
-        f"`{data['command']}`: model {data['model']}, prompts from {data['prompts']}, greedy traces of at most "
-        f"{data['new_tokens']} new tokens, {data['torch_threads']} torch threads, {data['wall_seconds_total']:.0f} s.",
+        f"`{data['command']}`: model {data['model']}, prompts from {data['prompts']}, {replayed}, "
+        f"{data['torch_threads']} torch threads, {data['wall_seconds_total']:.0f} s.",
         "", f"- Budgets: {data['settings_note']}.", f"- {ANSWER_RULE}.",
         f"- kvpress: `DecodingPress(compression_interval={COMPRESSION_INTERVAL}, target_size=budget)` around "
         f"`SnapKVPress(window_size={SNAPKV_WINDOW})`, `StreamingLLMPress()` and `KnormPress()`, as shipped, in its "
