@@ -257,6 +257,8 @@ def main() -> None:
     if args.problems is not None:
         records = [json.loads(line) for line in args.problems.read_text().splitlines() if line.strip()]
         records = [r for r in records if r.get("solution")]
+        if args.solutions_only and not records:
+            sys.exit(f"--solutions-only: no record in {args.problems} has a `solution` to replay")
         if records:
             solutions = solution_sequences(tokenizer, records, args.prompts, args.solution_tokens)
             finished("math500_solutions", run_protocol("math500_solutions", solutions, model, model_path, args,
