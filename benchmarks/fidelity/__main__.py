@@ -35,6 +35,7 @@ MODES = {
     "quick": dict(prompts=4, new_tokens=256, solution_tokens=512, budgets=("64", "128", "10%", "20%")),
     "full": dict(prompts=20, new_tokens=512, solution_tokens=512, budgets=("64", "128", "256", "10%", "20%", "30%")),
 }
+COMPARED = "crystal"  # the policy whose gaps to every peer get a paired test
 PROTOCOLS = {  # name: (file prefix, what is replayed)
     "greedy_traces": ("", "the model's own full-cache greedy traces"),
     "math500_solutions": ("solutions-", "real solutions chained into long conversations (teacher-forced text)"),
@@ -198,6 +199,13 @@ def write_outputs(data: dict, args) -> None:
             if metric in report.PLOTTED:
                 path = args.out / f"fidelity{suffix}-{prefix}{metric}.png"
                 report.plot_metric(section["results"], metric, f"{title} ({name}, {args.mode})", path)
+        if COMPARED in section["results"]:
+            for metric, (_, label, _, _) in report.PAIRED.items():
+                header, rows = report.comparison_rows(section["results"], COMPARED, metric)
+                title = (f"{COMPARED} minus each peer, {label} (all scored tokens): difference [95 % bootstrap "
+                         "interval over sequences]; better/worse where the interval excludes 0")
+                print(f"\n-- {title}\n{report.text(header, rows)}")
+                lines += [f"**{title}**", "", report.markdown(header, rows), ""]
     (args.out / f"summary{suffix}.md").write_text("\n".join(lines))
     print(f"\nwrote {args.out / f'fidelity{suffix}.json'}, {args.out / f'summary{suffix}.md'} and the plots")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 # (title, how to read one configuration's metric, format)
 METRICS = {
     "top1_agreement": ("top-1 agreement with the full cache", lambda m: m["all"]["top1_agreement"], "{:.3f}"),
@@ -44,21 +46,76 @@ def table_rows(results: dict, metric: str) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def markdown_table(results: dict, metric: str) -> str:
-    header, rows = table_rows(results, metric)
+def markdown(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def markdown_table(results: dict, metric: str) -> str:
+    return markdown(*table_rows(results, metric))
 
 
 def text_table(results: dict, metric: str) -> str:
-    header, rows = table_rows(results, metric)
+    return text(*table_rows(results, metric))
+
+
+def text(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
 
     def render(row: list[str]) -> str:
         return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
 
     return "\n".join([render(header)] + [render(row) for row in rows])
+
+
+# What a paired comparison compares: (per-sequence sum field, summary field, format, higher is better)
+PAIRED = {
+    "top1_agreement": ("agreed", "top-1 agreement", "{:+.3f}", True),
+    "mean_kl": ("kl_sum", "mean KL", "{:+.4f}", False),
+}
+RESAMPLES = 2000
+
+
+def paired_difference(ours: dict, peer: dict, metric: str, part: str = "all", seed: int = 0):
+    """`ours` minus `peer` on a token-weighted metric over the same sequences, with a 95 % bootstrap interval that
+    resamples whole sequences (a sequence's tokens share one cache history, so they are not independent draws).
+    None when either side lacks per-sequence data or the sequences differ."""
+    field = PAIRED[metric][0]
+    a, b = ours[part].get("per_sequence"), peer[part].get("per_sequence")
+    if a is None or b is None or a["tokens"] != b["tokens"] or sum(a["tokens"]) == 0:
+        return None
+    tokens = torch.tensor(a["tokens"], dtype=torch.float64)
+    gap = torch.tensor(a[field], dtype=torch.float64) - torch.tensor(b[field], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(len(tokens), (RESAMPLES, len(tokens)), generator=generator)
+    resampled = gap[draws].sum(1) / tokens[draws].sum(1).clamp_min(1)
+    low, high = torch.quantile(resampled, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return float(gap.sum() / tokens.sum()), low, high
+
+
+def comparison_rows(results: dict, policy: str, metric: str) -> tuple[list[str], list[list[str]]]:
+    """`policy` against every other policy at each budget: difference and interval, with a verdict where the
+    interval excludes zero ("better" or "worse" for `policy`)."""
+    columns = budget_columns(results)
+    header = [f"{policy} minus"] + columns
+    _, _, form, higher_better = PAIRED[metric]
+    rows = []
+    for peer in results:
+        if peer == policy or set(results[peer]) == {"full"}:
+            continue
+        row = [peer]
+        for budget in columns:
+            pair = None
+            if budget in results[policy] and budget in results[peer]:
+                pair = paired_difference(results[policy][budget], results[peer][budget], metric)
+            if pair is None:
+                row.append("-")
+                continue
+            difference, low, high = pair
+            verdict = "" if low <= 0 <= high else " better" if (low > 0) == higher_better else " worse"
+            row.append(f"{form.format(difference)} [{form.format(low)}, {form.format(high)}]{verdict}")
+        rows.append(row)
+    return header, rows
 
 
 def plot_metric(results: dict, metric: str, title: str, path: Path) -> None:

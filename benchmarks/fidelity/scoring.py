@@ -106,17 +106,21 @@ def summarize(sequences: list[TokenScores], labels: list[list[str | None]], gree
     result = {}
     for part in PARTS:
         kl, agree, nll = [], [], []
+        per_sequence = {"tokens": [], "agreed": [], "kl_sum": []}
         for scores, row_labels in zip(sequences, labels):
-            for index, label in enumerate(row_labels):
-                if label is not None and (part == "all" or label == part):
-                    kl.append(scores.kl[index])
-                    agree.append(scores.agree[index])
-                    nll.append(scores.nll[index])
+            inside = [i for i, label in enumerate(row_labels) if label is not None and (part == "all" or label == part)]
+            kl += [scores.kl[i] for i in inside]
+            agree += [scores.agree[i] for i in inside]
+            nll += [scores.nll[i] for i in inside]
+            per_sequence["tokens"].append(len(inside))
+            per_sequence["agreed"].append(sum(scores.agree[i] for i in inside))
+            per_sequence["kl_sum"].append(math.fsum(scores.kl[i] for i in inside))
         result[part] = {
             "tokens": len(kl),
             "top1_agreement": sum(agree) / len(agree) if agree else None,
             "mean_kl": sum(kl) / len(kl) if kl else None,
             "perplexity": math.exp(sum(nll) / len(nll)) if nll else None,
+            "per_sequence": per_sequence,  # for comparisons paired by sequence (report.paired_difference)
         }
     entries = [value for scores in sequences for value in scores.entries]
     if entries:
