@@ -1,5 +1,5 @@
 """Tables (printed and markdown) and plots of the fidelity results: one line per policy, budgets on the x axis,
-fixed budgets and ratio budgets as two panels."""
+fixed budgets and ratio budgets as two panels; and paired comparisons of one policy against the others."""
 
 from __future__ import annotations
 
