@@ -27,11 +27,16 @@ def proportional_allocation(
         raise ValueError(f"floors sum to {int(floor_t.sum())}, above the total {total}")
     if float(weights.sum()) == 0.0:
         weights = torch.ones(count, dtype=torch.float64)
+    weights = weights / weights.max()  # shares of tiny or huge weights stay representable
 
     share = floor_t.to(torch.float64)
     open_ = share < cap_t
     remaining = float(total - int(floor_t.sum()))
-    while remaining > 1e-9 and bool(open_.any()):
+    # Each pass grants the whole remainder or fills at least one more head to its cap, so count + 1 passes suffice
+    # in exact arithmetic; the bound stops float residues from looping forever (rounding below settles them).
+    for _ in range(count + 1):
+        if remaining <= 1e-9 or not bool(open_.any()):
+            break
         w = torch.where(open_, weights, torch.zeros_like(weights))
         if float(w.sum()) == 0.0:
             w = open_.to(torch.float64)
