@@ -10,6 +10,7 @@ reasoning and the answer part, and the greedy-match length. With `--problems` (M
 chained into long conversations are replayed too (scored on the solutions only).
 
     python -m benchmarks.fidelity [--quick] [--problems FILE [--solutions-only]] [--out results/fidelity]
+    python -m benchmarks.fidelity --merge RUN [RUN ...] --out DIR     # one report from runs on the same sequences
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 from benchmarks.fidelity import report
 from benchmarks.fidelity.kvpress_runner import COMPRESSION_INTERVAL, PRESSES, SNAPKV_WINDOW, run_kvpress
+from benchmarks.fidelity.merge import MergeError, load_run, merge_runs
 from benchmarks.fidelity.replay import FULL, Config, budget_entries, replay_policies
 from benchmarks.fidelity.scoring import ANSWER, ANSWER_RULE, REASONING, summarize
 from benchmarks.fidelity.workload import full_cache_logits, greedy_traces, solution_sequences
@@ -49,7 +51,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--problems", type=Path, help="MATH-500-style JSONL (`problem`, optional `solution`)")
     parser.add_argument("--solutions-only", action="store_true",
                         help="replay only the chained solutions of --problems, not the greedy traces")
-    parser.add_argument("--out", type=Path, default=Path("results/fidelity"))
+    parser.add_argument("--out", type=Path, help="output directory (default results/fidelity)")
     parser.add_argument("--prompts", type=int, help="number of prompts (default: 4 quick, 20 full)")
     parser.add_argument("--new-tokens", type=int, help="greedy trace limit (default: 256 quick, 512 full)")
     parser.add_argument("--budgets", help="comma-separated, e.g. 64,128,10%%,20%%")
@@ -63,7 +65,13 @@ def parse_args() -> argparse.Namespace:
                              'e.g. \'{"realloc_period": 32}\' with --policies crystal')
     parser.add_argument("--no-kvpress", action="store_true", help="skip the kvpress peer")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="RUN",
+                        help="instead of running, write one report (to --out) from earlier runs on the same "
+                             "sequences: their output directories or JSON files")
     args = parser.parse_args()
+    if args.merge and (args.out is None or any(args.out.resolve() == run.resolve() for run in args.merge)):
+        parser.error("--merge writes a new report: pass --out DIR, a directory that is not one of the merged runs")
+    args.out = args.out or Path("results/fidelity")
     if args.solutions_only and args.problems is None:
         parser.error("--solutions-only replays the solutions of --problems: pass --problems FILE")
     mode = MODES["quick" if args.quick else "full"]
@@ -169,16 +177,27 @@ def protocol_heading(name: str, section: dict) -> str:
     return text + "."
 
 
-def write_outputs(data: dict, args) -> None:
-    suffix = "-quick" if args.mode == "quick" else ""
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"fidelity{suffix}.json").write_text(json.dumps(data, indent=1))
-    replayed = (f"chained solutions of at least {args.solution_tokens} tokens" if args.solutions_only else
-                f"greedy traces of at most {data['new_tokens']} new tokens")  # fmt: skip
+def replayed_text(data: dict) -> str:
+    parts = []
+    if "greedy_traces" in data["protocols"]:
+        parts.append(f"greedy traces of at most {data['new_tokens']} new tokens")
+    if "math500_solutions" in data["protocols"]:
+        minimum = data.get("solution_tokens")
+        parts.append("chained solutions" + (f" of at least {minimum} tokens" if minimum else ""))
+    return " and ".join(parts)
+
+
+def write_outputs(data: dict, out: Path) -> None:
+    mode = data["mode"]
+    suffix = "-quick" if mode == "quick" else ""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"fidelity{suffix}.json").write_text(json.dumps(data, indent=1))
     lines = [
-        f"# Fidelity to the full cache ({args.mode} mode)", "",
-        f"`{data['command']}`: model {data['model']}, prompts from {data['prompts']}, {replayed}, "
+        f"# Fidelity to the full cache ({mode} mode)", "",
+        f"`{data['command']}`: model {data['model']}, prompts from {data['prompts']}, {replayed_text(data)}, "
         f"{data['torch_threads']} torch threads, {data['wall_seconds_total']:.0f} s.",
+        *(["", "Merged from:", *(f"- `{command}`" for command in data["merged_from"])] if "merged_from" in data
+          else []),
         "", f"- Budgets: {data['settings_note']}.", f"- {ANSWER_RULE}.",
         f"- kvpress: `DecodingPress(compression_interval={COMPRESSION_INTERVAL}, target_size=budget)` around "
         f"`SnapKVPress(window_size={SNAPKV_WINDOW})`, `StreamingLLMPress()` and `KnormPress()`, as shipped, in its "
@@ -197,8 +216,8 @@ def write_outputs(data: dict, args) -> None:
             print(f"\n-- {title}\n{report.text_table(section['results'], metric)}")
             lines += [f"**{title}**", "", report.markdown_table(section["results"], metric), ""]
             if metric in report.PLOTTED:
-                path = args.out / f"fidelity{suffix}-{prefix}{metric}.png"
-                report.plot_metric(section["results"], metric, f"{title} ({name}, {args.mode})", path)
+                path = out / f"fidelity{suffix}-{prefix}{metric}.png"
+                report.plot_metric(section["results"], metric, f"{title} ({name}, {mode})", path)
         if COMPARED in section["results"]:
             for metric, (_, label, _, _) in report.PAIRED.items():
                 header, rows = report.comparison_rows(section["results"], COMPARED, metric)
@@ -206,12 +225,19 @@ def write_outputs(data: dict, args) -> None:
                          "interval over sequences]; better/worse where the interval excludes 0")
                 print(f"\n-- {title}\n{report.text(header, rows)}")
                 lines += [f"**{title}**", "", report.markdown(header, rows), ""]
-    (args.out / f"summary{suffix}.md").write_text("\n".join(lines))
-    print(f"\nwrote {args.out / f'fidelity{suffix}.json'}, {args.out / f'summary{suffix}.md'} and the plots")
+    (out / f"summary{suffix}.md").write_text("\n".join(lines))
+    print(f"\nwrote {out / f'fidelity{suffix}.json'}, {out / f'summary{suffix}.md'} and the plots")
 
 
 def main() -> None:
     args = parse_args()
+    if args.merge:
+        command = " ".join(["python -m benchmarks.fidelity", *sys.argv[1:]])
+        try:
+            write_outputs(merge_runs([load_run(path) for path in args.merge], command), args.out)
+        except (MergeError, OSError, KeyError) as error:
+            sys.exit(f"--merge: {error}")
+        return
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -230,6 +256,7 @@ def main() -> None:
         "prompts": args.problems.name if args.problems else "crystal_sglang.prompts.DEFAULT_PROBLEMS",
         "instruction": INSTRUCTION,
         "new_tokens": args.new_tokens,
+        "solution_tokens": args.solution_tokens,
         "budgets": args.budgets,
         "eviction_settings": {"protect_prompt": args.protect_prompt, "sinks": 4, "window": 8, "buffer": 16,
                               **args.config},
@@ -253,7 +280,7 @@ def main() -> None:
         """Record a protocol's results and write every output: a stopped run keeps the protocols it finished."""
         protocols[name] = section
         data["wall_seconds_total"] = time.monotonic() - started
-        write_outputs(data, args)
+        write_outputs(data, args.out)
 
     if not args.solutions_only:
         traces_started = time.monotonic()

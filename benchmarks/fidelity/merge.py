@@ -1,0 +1,84 @@
+"""One report from several fidelity runs on the same sequences: budgets or policies run apart (to fit a time slot,
+or added later) become one table, and the paired comparisons span every run, since each configuration keeps its
+per-sequence sums and the replays are deterministic."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from benchmarks.fidelity.kvpress_runner import PRESSES
+from crystal_sglang.policies import POLICY_NAMES
+
+# What every merged run must share: otherwise the same budget would not mean the same cache.
+SHARED = ("model", "mode", "prompts", "instruction", "new_tokens", "eviction_settings")
+ORDER = ("none", *(p for p in POLICY_NAMES if p != "none"), *PRESSES)
+
+
+class MergeError(ValueError):
+    """Runs that cannot be merged: different settings or different sequences."""
+
+
+def load_run(path: Path) -> dict:
+    """A run's JSON, from its output directory or the file itself."""
+    if path.is_dir():
+        found = sorted(path.glob("fidelity*.json"))
+        if len(found) != 1:
+            raise MergeError(f"{path}: expected one fidelity*.json, found {len(found)}")
+        path = found[0]
+    return json.loads(path.read_text())
+
+
+def sequence_identity(sequences: list[dict]) -> list[dict]:
+    """A protocol's sequences without the per-budget sizes, which differ between runs of other budgets."""
+    return [{k: v for k, v in s.items() if k != "budget_entries"} for s in sequences]
+
+
+def merge_section(merged: dict, section: dict, name: str) -> None:
+    if sequence_identity(merged["sequences"]) != sequence_identity(section["sequences"]):
+        raise MergeError(f"protocol {name}: the runs replayed different sequences (prompts, lengths or labels)")
+    for ours, theirs in zip(merged["sequences"], section["sequences"]):
+        ours["budget_entries"].update(theirs["budget_entries"])
+    for policy, by_budget in section["results"].items():
+        merged["results"].setdefault(policy, {}).update(by_budget)
+    if merged["kvpress"]["status"] != "ok" and section["kvpress"]["status"] == "ok":
+        merged["kvpress"] = section["kvpress"]
+    merged["full_cache_sanity"] = merged["full_cache_sanity"] or section["full_cache_sanity"]
+    for step, seconds in section["wall_seconds"].items():
+        merged["wall_seconds"][step] = merged["wall_seconds"].get(step, 0.0) + seconds
+
+
+def merge_runs(runs: list[dict], command: str) -> dict:
+    """The union of `runs`' results per protocol; a later run's (policy, budget) replaces an earlier one's."""
+    if not runs:
+        raise MergeError("nothing to merge")
+    first = runs[0]
+    for key in SHARED:
+        values = [run.get(key) for run in runs]
+        if any(value != values[0] for value in values):
+            raise MergeError(f"the runs differ in {key}: {values}; merge only runs of the same protocol")
+    protocols: dict[str, dict] = {}
+    for run in runs:
+        for name, section in run["protocols"].items():
+            if name in protocols:
+                merge_section(protocols[name], section, name)
+            else:
+                protocols[name] = copy.deepcopy(section)
+    for section in protocols.values():
+        results = section["results"]
+        ranked = sorted(results, key=lambda p: ORDER.index(p) if p in ORDER else len(ORDER))
+        section["results"] = {policy: results[policy] for policy in ranked}
+    budgets = []
+    for run in runs:
+        budgets += [b for b in run["budgets"] if b not in budgets]
+    threads = sorted({run["torch_threads"] for run in runs})
+    return {
+        **first,
+        "command": command,
+        "merged_from": [run["command"] for run in runs],
+        "budgets": budgets,
+        "torch_threads": threads[0] if len(threads) == 1 else "/".join(map(str, threads)),
+        "protocols": protocols,
+        "wall_seconds_total": sum(run["wall_seconds_total"] for run in runs),
+    }

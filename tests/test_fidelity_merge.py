@@ -1,0 +1,74 @@
+"""Merging fidelity runs on the same sequences into one report (no model needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.fidelity import report
+from benchmarks.fidelity.__main__ import write_outputs
+from benchmarks.fidelity.merge import MergeError, load_run, merge_runs
+from benchmarks.fidelity.scoring import REASONING, TokenScores, summarize
+
+SEQUENCES = [{"name": "a", "prompt_tokens": 10, "continuation_tokens": 4, "natural_end": False,
+              "reasoning_tokens": 4, "answer_tokens": 0}]  # fmt: skip
+
+
+def configuration(agree: list[bool]) -> dict:
+    return summarize([TokenScores(kl=[0.0 if a else 1.0 for a in agree], agree=agree, nll=[0.0] * len(agree))],
+                     [[REASONING] * len(agree)], greedy=False)  # fmt: skip
+
+
+def run(budgets: dict[str, dict[str, list[bool]]], command: str, **overrides) -> dict:
+    """A run's JSON as the benchmark writes it: `budgets` maps a budget to {policy: agreement per token}."""
+    results = {"none": {"full": configuration([True] * 4)}}
+    for budget, policies in budgets.items():
+        for policy, agree in policies.items():
+            results.setdefault(policy, {})[budget] = configuration(agree)
+    section = {
+        "replayed": "chained solutions",
+        "sequences": [{**s, "budget_entries": {b: 8 for b in budgets}} for s in SEQUENCES],
+        "results": results, "full_cache_sanity": None,
+        "kvpress": {"status": "skipped: --no-kvpress"}, "wall_seconds": {"our_policies": 10.0},
+    }  # fmt: skip
+    return {
+        "mode": "full", "command": command, "model": "m", "prompts": "p.jsonl", "instruction": "i", "new_tokens": 512,
+        "solution_tokens": 512, "budgets": list(budgets), "settings_note": "s", "answer_rule": "r",
+        "eviction_settings": {"sinks": 4}, "torch_threads": 2, "protocols": {"math500_solutions": section},
+        "wall_seconds_total": 10.0, **overrides,
+    }  # fmt: skip
+
+
+def test_runs_of_other_budgets_and_policies_become_one_table_with_paired_comparisons(tmp_path):
+    first = run({"64": {"crystal": [True, True, False, True], "rkv": [True, False, False, True]}}, "first")
+    second = run({"128": {"crystal": [True] * 4, "h2o": [True, True, True, False]}}, "second")
+    merged = merge_runs([first, second], "merge")
+    results = merged["protocols"]["math500_solutions"]["results"]
+    assert list(results) == ["none", "crystal", "rkv", "h2o"]  # registry order, whatever the run order
+    assert set(results["crystal"]) == {"64", "128"}
+    assert merged["budgets"] == ["64", "128"] and merged["merged_from"] == ["first", "second"]
+    assert merged["protocols"]["math500_solutions"]["sequences"][0]["budget_entries"] == {"64": 8, "128": 8}
+    assert merged["wall_seconds_total"] == 20.0
+    header, rows = report.comparison_rows(results, "crystal", "top1_agreement")
+    assert header == ["crystal minus", "64", "128"]
+    assert rows[0][0] == "rkv" and rows[0][1].startswith("+0.250") and rows[0][2] == "-"
+    assert rows[1][0] == "h2o" and rows[1][1] == "-" and rows[1][2].startswith("+0.250")
+    assert first["protocols"]["math500_solutions"]["results"]["crystal"].keys() == {"64"}  # inputs untouched
+
+    write_outputs(merged, tmp_path / "merged")
+    summary = (tmp_path / "merged" / "summary.md").read_text()
+    assert "Merged from:\n- `first`\n- `second`" in summary and "| crystal | 0.750 | 1.000 |" in summary
+    assert load_run(tmp_path / "merged") == json.loads((tmp_path / "merged" / "fidelity.json").read_text())
+
+
+def test_runs_with_other_settings_or_sequences_are_refused():
+    base = run({"64": {"crystal": [True] * 4}}, "a")
+    with pytest.raises(MergeError, match="eviction_settings"):
+        merge_runs([base, run({"128": {"crystal": [True] * 4}}, "b", eviction_settings={"sinks": 8})], "m")
+    other = run({"128": {"crystal": [True] * 4}}, "b")
+    other["protocols"]["math500_solutions"]["sequences"][0]["continuation_tokens"] = 5
+    with pytest.raises(MergeError, match="different sequences"):
+        merge_runs([base, other], "m")
+    with pytest.raises(MergeError, match="nothing"):
+        merge_runs([], "m")
