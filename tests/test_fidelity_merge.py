@@ -72,3 +72,11 @@ def test_runs_with_other_settings_or_sequences_are_refused():
         merge_runs([base, other], "m")
     with pytest.raises(MergeError, match="nothing"):
         merge_runs([], "m")
+
+
+def test_a_directory_with_more_than_one_run_asks_for_the_file(tmp_path):
+    for name in ("fidelity.json", "fidelity-quick.json"):
+        (tmp_path / name).write_text(json.dumps(run({"64": {"crystal": [True]}}, name)))
+    with pytest.raises(MergeError, match="pass the file"):
+        load_run(tmp_path)
+    assert load_run(tmp_path / "fidelity-quick.json")["command"] == "fidelity-quick.json"

@@ -25,7 +25,7 @@ def load_run(path: Path) -> dict:
     if path.is_dir():
         found = sorted(path.glob("fidelity*.json"))
         if len(found) != 1:
-            raise MergeError(f"{path}: expected one fidelity*.json, found {len(found)}")
+            raise MergeError(f"{path} holds {len(found)} fidelity*.json files, not one: pass the file to merge")
         path = found[0]
     return json.loads(path.read_text())
 
