@@ -80,3 +80,6 @@ def test_a_directory_with_more_than_one_run_asks_for_the_file(tmp_path):
     with pytest.raises(MergeError, match="pass the file"):
         load_run(tmp_path)
     assert load_run(tmp_path / "fidelity-quick.json")["command"] == "fidelity-quick.json"
+    (tmp_path / "notes.json").write_text("not json")
+    with pytest.raises(MergeError, match="notes.json is not a fidelity run"):
+        load_run(tmp_path / "notes.json")

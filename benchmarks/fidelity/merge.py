@@ -27,7 +27,10 @@ def load_run(path: Path) -> dict:
         if len(found) != 1:
             raise MergeError(f"{path} holds {len(found)} fidelity*.json files, not one: pass the file to merge")
         path = found[0]
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise MergeError(f"{path} is not a fidelity run's JSON ({error})") from None
 
 
 def sequence_identity(sequences: list[dict]) -> list[dict]:
