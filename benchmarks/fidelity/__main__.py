@@ -69,7 +69,8 @@ def parse_args() -> argparse.Namespace:
                         help="instead of running, write one report (to --out) from earlier runs on the same "
                              "sequences: their output directories or JSON files")
     args = parser.parse_args()
-    if args.merge and (args.out is None or any(args.out.resolve() == run.resolve() for run in args.merge)):
+    merged_dirs = {(run if run.is_dir() else run.parent).resolve() for run in args.merge or ()}
+    if args.merge and (args.out is None or args.out.resolve() in merged_dirs):
         parser.error("--merge writes a new report: pass --out DIR, a directory that is not one of the merged runs")
     args.out = args.out or Path("results/fidelity")
     if args.solutions_only and args.problems is None:
