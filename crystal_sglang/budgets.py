@@ -55,20 +55,35 @@ def proportional_allocation(
     return result
 
 
+CRF_PER_SLOT = "crf-per-slot"  # Algorithm 2 as published: budget to the heads whose entries are hit most per slot
+SLOTS_PER_CRF = "slots-per-crf"  # its inverse: budget to the heads whose entries are seldom hit (sharp heads)
+REALLOC_SIGNALS = (CRF_PER_SLOT, SLOTS_PER_CRF)
+
+
 def reallocate_heads(
-    utilisation: torch.Tensor, budgets: torch.Tensor, total: int, floor: int, cap: torch.Tensor
+    utilisation: torch.Tensor,
+    budgets: torch.Tensor,
+    total: int,
+    floor: int,
+    cap: torch.Tensor,
+    signal: str = CRF_PER_SLOT,
 ) -> torch.Tensor:
     """Algorithm 2: new per-(layer, head) budgets [L, H] from each head's summed CRF and current budget.
 
     eta_i = sum_j CRF_ij / sum_j B_ij decides the layers' shares, eta_ij = CRF_ij / B_ij the heads' shares within
-    a layer; every head keeps at least `floor` and at most `cap` (what it holds)."""
+    a layer (`SLOTS_PER_CRF` uses 1 / eta at both levels); every head keeps at least `floor` and at most `cap`
+    (what it holds)."""
     layers, heads = budgets.shape
     current = budgets.to(torch.float64).clamp_min(1)
     utilisation = utilisation.to(torch.float64).clamp_min(0)
-    layer_eta = utilisation.sum(1) / current.sum(1)
+
+    def eta(crf: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        return crf / slots if signal == CRF_PER_SLOT else slots / crf.clamp_min(1e-6)
+
+    layer_eta = eta(utilisation.sum(1), current.sum(1))
     layer_cap = cap.sum(1)
     layer_floor = torch.minimum(torch.full_like(cap, floor), cap).sum(1)  # a head's floor is capped by what it holds
     layer_budget = proportional_allocation(layer_eta, total, layer_floor, layer_cap)
-    head_eta = utilisation / current
+    head_eta = eta(utilisation, current)
     rows = [proportional_allocation(head_eta[i], int(layer_budget[i]), floor, cap[i]) for i in range(layers)]
     return torch.stack(rows)

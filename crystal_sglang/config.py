@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from crystal_sglang.budgets import CRF_PER_SLOT, REALLOC_SIGNALS, SLOTS_PER_CRF
+
 
 class ConfigError(ValueError):
     """A bad eviction setting; the message says what is wrong and what to do."""
@@ -85,6 +87,7 @@ class Settings:
     seed: int = 0  # for policies that draw at random
     realloc_period: int = 128  # tokens between two per-layer/head budget reallocations (policies that reallocate)
     realloc_floor: float = 0.5  # share of the budget a head keeps at least after a reallocation
+    realloc_signal: str = CRF_PER_SLOT  # which heads a reallocation favours (see budgets.REALLOC_SIGNALS)
 
     @property
     def protected_window(self) -> int:
@@ -177,6 +180,11 @@ def build_spec(policy: str, budget: Budget, config: dict, policy_params_type: An
         raise ConfigError(f"realloc_period={settings.realloc_period} must lie in [1, {MAX_ENTRIES}] tokens")
     if not 0 <= settings.realloc_floor <= 1:
         raise ConfigError(f"realloc_floor={settings.realloc_floor} must lie in [0, 1] (a share of the budget)")
+    if settings.realloc_signal not in REALLOC_SIGNALS:
+        raise ConfigError(
+            f"realloc_signal={settings.realloc_signal!r} is not one of {', '.join(map(repr, REALLOC_SIGNALS))}: "
+            f"{CRF_PER_SLOT!r} is Algorithm 2 as published, {SLOTS_PER_CRF!r} gives budget to seldom-hit heads"
+        )
     if settings.end_of_think == "":
         raise ConfigError("end_of_think must be a non-empty marker or null")
     params = None

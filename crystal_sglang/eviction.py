@@ -199,7 +199,9 @@ class RequestEvictor:
         protected_count = int(selection.protected.sum(-1).max())
         floor = max(protected_count, int(self.settings.realloc_floor * self.budget))
         total = max(self.budget * heads, floor * heads)
-        self.head_budgets = reallocate_heads(utilisation, self.head_budgets, total, floor, self.valid.sum(-1))
+        self.head_budgets = reallocate_heads(
+            utilisation, self.head_budgets, total, floor, self.valid.sum(-1), self.settings.realloc_signal
+        )
         self._last_realloc = self.length
         self.stats.reallocations += 1
 

@@ -7,7 +7,13 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from crystal_sglang.budgets import proportional_allocation, reallocate_heads
+from crystal_sglang.budgets import (
+    CRF_PER_SLOT,
+    REALLOC_SIGNALS,
+    SLOTS_PER_CRF,
+    proportional_allocation,
+    reallocate_heads,
+)
 from tests.policy_helpers import torch_threads
 
 weights_st = st.lists(st.floats(0.0, 1e6, allow_nan=False), min_size=1, max_size=12)
@@ -106,6 +112,15 @@ def test_algorithm_2_on_a_worked_example():
     assert result.tolist() == [[24, 8], [4, 4]]
 
 
+def test_slots_per_crf_turns_the_shares_around():
+    # The example above with eta inverted: layer 1 (fewer hits per slot) now gets 32, layer 0's head 1 three times
+    # head 0's share.
+    utilisation = torch.tensor([[30.0, 10.0], [5.0, 5.0]])
+    result = reallocate_heads(utilisation, torch.full((2, 2), 10), total=40, floor=0, cap=torch.full((2, 2), 100),
+                              signal=SLOTS_PER_CRF)  # fmt: skip
+    assert result.tolist() == [[2, 6], [16, 16]]
+
+
 def test_reallocation_divides_by_the_current_budget():
     # Equal CRF but head 1 holds it in half the slots: its CRF per slot is twice as high.
     result = reallocate_heads(torch.tensor([[10.0, 10.0]]), torch.tensor([[20, 10]]), total=30, floor=0,
@@ -143,29 +158,35 @@ def reallocation_inputs(draw):
             torch.tensor(caps).view(shape))  # fmt: skip
 
 
+@pytest.mark.parametrize("signal", REALLOC_SIGNALS)
 @settings(max_examples=200, deadline=None)
-@given(reallocation_inputs())
-def test_reallocation_properties(inputs):
+@given(inputs=reallocation_inputs())
+def test_reallocation_properties(signal, inputs):
     utilisation, budgets, total, floor, cap = inputs
     floors = torch.minimum(torch.full_like(cap, floor), cap)
     assume(int(floors.sum()) <= min(total, int(cap.sum())))
-    result = reallocate_heads(utilisation, budgets, total, floor, cap)
+    result = reallocate_heads(utilisation, budgets, total, floor, cap, signal)
     assert result.shape == budgets.shape and result.dtype == torch.int64
     assert int(result.sum()) == min(total, int(cap.sum()))
     assert bool((result >= floors).all()), "a head fell below the floor"
     assert bool((result <= cap).all()), "a head got more than it holds"
-    assert torch.equal(result, reallocate_heads(utilisation, budgets, total, floor, cap))
+    assert torch.equal(result, reallocate_heads(utilisation, budgets, total, floor, cap, signal))
 
 
+@pytest.mark.parametrize("signal", REALLOC_SIGNALS)
 @settings(max_examples=100, deadline=None)
-@given(reallocation_inputs())
-def test_uncapped_reallocation_favours_crf_per_slot(inputs):
-    """Within a layer and without caps or floors, a head with a higher CRF per slot never gets less."""
+@given(inputs=reallocation_inputs())
+def test_uncapped_reallocation_follows_its_signal(signal, inputs):
+    """Within a layer and without caps or floors, a head with a higher CRF per slot never gets less (never gets
+    more with `SLOTS_PER_CRF`; CRF at least 1e-6, as the implementation reads it)."""
     utilisation, budgets, total, _, _ = inputs
+    utilisation = utilisation.to(torch.float64).clamp_min(1e-6)
     cap = torch.full_like(budgets, 1 << 40)
-    result = reallocate_heads(utilisation, budgets, total, 0, cap)
+    result = reallocate_heads(utilisation, budgets, total, 0, cap, signal)
     assert int(result.sum()) == total
-    eta = utilisation.to(torch.float64) / budgets.to(torch.float64)
+    eta = utilisation / budgets.to(torch.float64)
+    if signal == SLOTS_PER_CRF:
+        eta = 1 / eta
     layers, heads = budgets.shape
     for layer in range(layers):
         for i in range(heads):

@@ -16,6 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from crystal_sglang.budgets import REALLOC_SIGNALS
 from crystal_sglang.config import ConfigError
 from crystal_sglang.eviction import PER_HEAD, SHARED_SLOTS
 from crystal_sglang.policies import POLICIES, POLICY_NAMES, create_policy, policy_class
@@ -372,18 +373,34 @@ def test_the_batch_nucleus_is_each_requests_own(seed, lengths, top_p, scored_fro
     assert batch.request(scored_from - 1, 1).attention is None  # a row before the scored ones
 
 
-def test_crystal_reallocates_per_head_budgets():
-    spec = make_test_spec("crystal", 12, sinks=1, window=2, buffer=2, protect_prompt=False)
+@pytest.mark.parametrize("signal", REALLOC_SIGNALS)
+def test_crystal_reallocates_per_head_budgets(signal):
+    spec = make_test_spec("crystal", 12, sinks=1, window=2, buffer=2, protect_prompt=False, realloc_signal=signal)
     evictor = make_evictor(spec, 4, 64, layout=PER_HEAD, realloc_period=8, realloc_floor=0.25)
+
+    seen = []
 
     def check(evictor, before, decision):
         if decision is not None:
             assert int(evictor.head_budgets.sum()) == 12 * SHAPE.layers * SHAPE.kv_heads
             assert bool((evictor.head_budgets >= 3).all())  # floor: max(protected 3, 0.25 * 12)
+            seen.append(evictor.head_budgets.clone())
 
     drive(evictor, 60, torch.Generator().manual_seed(5), on_decision=check)
     assert evictor.stats.reallocations > 0
-    assert len(set(evictor.head_budgets.flatten().tolist())) > 1, "random scores should unbalance the heads"
+    assert any(len(set(budgets.flatten().tolist())) > 1 for budgets in seen), "random scores should unbalance heads"
+
+
+def test_realloc_signal_decides_which_heads_gain():
+    histories = []
+    for signal in REALLOC_SIGNALS:
+        spec = make_test_spec("crystal", 12, sinks=1, window=2, buffer=2, protect_prompt=False, realloc_signal=signal)
+        evictor = make_evictor(spec, 4, 64, layout=PER_HEAD, realloc_period=8, realloc_floor=0.25)
+        history = []
+        drive(evictor, 60, torch.Generator().manual_seed(5),
+              on_decision=lambda holder, _, __: history.append(holder.head_budgets.clone()))  # fmt: skip
+        histories.append(torch.stack(history))
+    assert not torch.equal(*histories)
 
 
 # ---- R-KV and SnapKV -------------------------------------------------------------------------------------------------
