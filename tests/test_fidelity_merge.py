@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
 from benchmarks.fidelity import report
-from benchmarks.fidelity.__main__ import write_outputs
+from benchmarks.fidelity.__main__ import invocation, write_outputs
 from benchmarks.fidelity.merge import MergeError, load_run, merge_runs
 from benchmarks.fidelity.scoring import REASONING, TokenScores, summarize
 
@@ -83,3 +84,9 @@ def test_a_directory_with_more_than_one_run_asks_for_the_file(tmp_path):
     (tmp_path / "notes.json").write_text("not json")
     with pytest.raises(MergeError, match="notes.json is not a fidelity run"):
         load_run(tmp_path / "notes.json")
+
+
+def test_the_recorded_command_can_be_run_again(monkeypatch):
+    arguments = ["--policies", "crystal", "--config", '{"realloc_signal": "slots-per-crf"}', "--out", "results/x"]
+    monkeypatch.setattr("sys.argv", ["__main__.py", *arguments])
+    assert shlex.split(invocation()) == ["python", "-m", "benchmarks.fidelity", *arguments]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -230,12 +231,16 @@ def write_outputs(data: dict, out: Path) -> None:
     print(f"\nwrote {out / f'fidelity{suffix}.json'}, {out / f'summary{suffix}.md'} and the plots")
 
 
+def invocation() -> str:
+    """This run's command line as a shell would take it back (a `--config` JSON stays one quoted word)."""
+    return shlex.join(["python", "-m", "benchmarks.fidelity", *sys.argv[1:]])
+
+
 def main() -> None:
     args = parse_args()
     if args.merge:
-        command = " ".join(["python -m benchmarks.fidelity", *sys.argv[1:]])
         try:
-            write_outputs(merge_runs([load_run(path) for path in args.merge], command), args.out)
+            write_outputs(merge_runs([load_run(path) for path in args.merge], invocation()), args.out)
         except (MergeError, OSError, KeyError) as error:
             sys.exit(f"--merge: {error}")
         return
@@ -252,7 +257,7 @@ def main() -> None:
     protocols = {}
     data = {
         "mode": args.mode,
-        "command": " ".join(["python -m benchmarks.fidelity", *sys.argv[1:]]),
+        "command": invocation(),
         "model": model_path.name,
         "prompts": args.problems.name if args.problems else "crystal_sglang.prompts.DEFAULT_PROBLEMS",
         "instruction": INSTRUCTION,
