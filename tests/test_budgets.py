@@ -7,13 +7,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from crystal_sglang.budgets import (
-    CRF_PER_SLOT,
-    REALLOC_SIGNALS,
-    SLOTS_PER_CRF,
-    proportional_allocation,
-    reallocate_heads,
-)
+from crystal_sglang.budgets import REALLOC_SIGNALS, SLOTS_PER_CRF, proportional_allocation, reallocate_heads
 from tests.policy_helpers import torch_threads
 
 weights_st = st.lists(st.floats(0.0, 1e6, allow_nan=False), min_size=1, max_size=12)
