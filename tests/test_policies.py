@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from crystal_sglang.budgets import REALLOC_SIGNALS
 from crystal_sglang.config import ConfigError
-from crystal_sglang.eviction import PER_HEAD, SHARED_SLOTS
+from crystal_sglang.eviction import PER_HEAD, SHARED_SLOTS, RequestEvictor
 from crystal_sglang.policies import POLICIES, POLICY_NAMES, create_policy, policy_class
 from crystal_sglang.policies.base import CacheShape, SelectionInput, StepBatch, StepScores, keep_top, nucleus
 from crystal_sglang.policies.rkv import redundancy
@@ -373,34 +373,32 @@ def test_the_batch_nucleus_is_each_requests_own(seed, lengths, top_p, scored_fro
     assert batch.request(scored_from - 1, 1).attention is None  # a row before the scored ones
 
 
-@pytest.mark.parametrize("signal", REALLOC_SIGNALS)
-def test_crystal_reallocates_per_head_budgets(signal):
+def reallocation_history(signal: str) -> tuple[RequestEvictor, torch.Tensor]:
+    """A `crystal` evictor with per-head budgets driven by random scores, and its budgets [decisions, L, H] after
+    every eviction."""
     spec = make_test_spec("crystal", 12, sinks=1, window=2, buffer=2, protect_prompt=False, realloc_signal=signal)
     evictor = make_evictor(spec, 4, 64, layout=PER_HEAD, realloc_period=8, realloc_floor=0.25)
+    history = []
 
-    seen = []
-
-    def check(evictor, before, decision):
+    def record(holder, before, decision):
         if decision is not None:
-            assert int(evictor.head_budgets.sum()) == 12 * SHAPE.layers * SHAPE.kv_heads
-            assert bool((evictor.head_budgets >= 3).all())  # floor: max(protected 3, 0.25 * 12)
-            seen.append(evictor.head_budgets.clone())
+            history.append(holder.head_budgets.clone())
 
-    drive(evictor, 60, torch.Generator().manual_seed(5), on_decision=check)
+    drive(evictor, 60, torch.Generator().manual_seed(5), on_decision=record)
+    return evictor, torch.stack(history)
+
+
+@pytest.mark.parametrize("signal", REALLOC_SIGNALS)
+def test_crystal_reallocates_per_head_budgets(signal):
+    evictor, history = reallocation_history(signal)
+    assert bool((history.sum((1, 2)) == 12 * SHAPE.layers * SHAPE.kv_heads).all())
+    assert bool((history >= 3).all())  # floor: max(protected 3, 0.25 * 12)
     assert evictor.stats.reallocations > 0
-    assert any(len(set(budgets.flatten().tolist())) > 1 for budgets in seen), "random scores should unbalance heads"
+    assert any(len(set(budgets.flatten().tolist())) > 1 for budgets in history), "random scores should unbalance heads"
 
 
 def test_realloc_signal_decides_which_heads_gain():
-    histories = []
-    for signal in REALLOC_SIGNALS:
-        spec = make_test_spec("crystal", 12, sinks=1, window=2, buffer=2, protect_prompt=False, realloc_signal=signal)
-        evictor = make_evictor(spec, 4, 64, layout=PER_HEAD, realloc_period=8, realloc_floor=0.25)
-        history = []
-        drive(evictor, 60, torch.Generator().manual_seed(5),
-              on_decision=lambda holder, _, __: history.append(holder.head_budgets.clone()))  # fmt: skip
-        histories.append(torch.stack(history))
-    assert not torch.equal(*histories)
+    assert not torch.equal(*(reallocation_history(signal)[1] for signal in REALLOC_SIGNALS))
 
 
 # ---- R-KV and SnapKV -------------------------------------------------------------------------------------------------
