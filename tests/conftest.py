@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from tests.policy_helpers import torch_threads
 from tests.tiny_model import build_tiny_llama
 
 
@@ -17,6 +18,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny tensors (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): see
+    `torch_threads`."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

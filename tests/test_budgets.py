@@ -8,15 +8,11 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from crystal_sglang.budgets import REALLOC_SIGNALS, SLOTS_PER_CRF, proportional_allocation, reallocate_heads
-from tests.policy_helpers import torch_threads
 
 weights_st = st.lists(st.floats(0.0, 1e6, allow_nan=False), min_size=1, max_size=12)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def as_tensor(values, dtype=torch.float64) -> torch.Tensor:

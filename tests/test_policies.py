@@ -40,17 +40,13 @@ from tests.policy_helpers import (
     make_evictor,
     make_test_spec,
     one_hot_attention,
-    torch_threads,
     write_calibration,
 )
 
 SCORED = ["crystal", "crystal-lite", "h2o", "streamingllm", "snapkv", "rkv"]  # priority() is a pure function
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

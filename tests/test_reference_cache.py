@@ -12,7 +12,7 @@ import contextlib
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, StoppingCriteria
+from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, StoppingCriteria
 
 from crystal_sglang.kernels.score_reference import score_dense
 from crystal_sglang.policies import POLICIES, POLICY_NAMES
@@ -23,12 +23,11 @@ from tests.policy_helpers import (
     SMALL_SEGMENTS,
     check_every_decision,
     make_test_spec,
-    torch_threads,
     write_calibration,
 )
+from tests.tiny_model import RANDOM_LLAMA, random_llama
 
-CONFIG = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+CONFIG = RANDOM_LLAMA
 SHAPE = cache_shape(CONFIG)
 PROMPT, NEW_TOKENS = 12, 24
 EVICTING = [name for name in POLICY_NAMES if POLICIES[name].evicts]
@@ -37,19 +36,12 @@ SMALL = dict(budget=16, sinks=2, window=4, buffer=4, protect_prompt=False)
 MARKER = (250, 251)  # end-of-think token ids of the scripted generations
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(CONFIG).to(torch.float32).eval()
-    model.generation_config.eos_token_id = None  # always generate the requested number of tokens
-    model.generation_config.pad_token_id = 0
-    return model
+    return random_llama()
 
 
 @pytest.fixture(scope="module")

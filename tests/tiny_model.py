@@ -1,6 +1,7 @@
 """A tiny Llama made offline: random weights and a byte-level BPE tokenizer trained here, with a chat template.
 
 Small enough that SGLang starts on it in seconds, real enough that SGLang and transformers load it the same way.
+`random_llama()` is the in-memory one (no tokenizer) of the transformers reference-path tests.
 """
 
 from __future__ import annotations
@@ -9,6 +10,21 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+# Two layers, 4 query heads over 2 KV heads (GQA): every reference-path code path, decoding in milliseconds.
+RANDOM_LLAMA = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+
+
+def random_llama() -> LlamaForCausalLM:
+    """`RANDOM_LLAMA` with seed-0 weights in float32; it always generates the requested number of tokens."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(RANDOM_LLAMA).to(torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
