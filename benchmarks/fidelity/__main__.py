@@ -5,8 +5,9 @@ cache generates its greedy trace; the trace ends before the end-of-sequence toke
 natural end; natural lengths are reported). Every policy at every budget (fixed entries, and shares of prompt +
 trace) then replays the trace token by token, teacher-forced, all (policy, budget, prompt) rows in one
 `EvictingCache`; kvpress's decoding press replays the same traces from its own environment. Per configuration:
-top-1 agreement with the full cache, mean KL(full || policy), perplexity of the replayed text, split into the
-reasoning and the answer part, and the greedy-match length. With `--problems` (MATH-500 JSONL), real solutions
+top-1 agreement with the full cache, mean KL(full || policy), perplexity of the replayed text and attention recall
+(the full cache's attention mass on the entries held), split into the reasoning and the answer part, and the
+greedy-match length. Our policies also decode the traces' prompts free-running (length, 4-gram repetition). With `--problems` (MATH-500 JSONL), real solutions
 chained into long conversations are replayed too (scored on the solutions only).
 
     python -m benchmarks.fidelity [--quick] [--problems FILE [--solutions-only]] [--out results/fidelity]
@@ -29,7 +30,14 @@ from benchmarks.fidelity.kvpress_runner import COMPRESSION_INTERVAL, PRESSES, SN
 from benchmarks.fidelity.merge import MergeError, load_run, merge_runs
 from benchmarks.fidelity.replay import FULL, Config, budget_entries, replay_policies
 from benchmarks.fidelity.scoring import ANSWER, ANSWER_RULE, REASONING, summarize
-from benchmarks.fidelity.workload import full_cache_logits, greedy_traces, solution_sequences
+from benchmarks.fidelity.free_running import free_run
+from benchmarks.fidelity.workload import (
+    Reference,
+    eos_ids,
+    full_cache_reference,
+    greedy_traces,
+    solution_sequences,
+)
 from crystal_sglang.models import prepare_default_model
 from crystal_sglang.policies import POLICY_NAMES
 from crystal_sglang.prompts import INSTRUCTION, load_problems
@@ -65,6 +73,8 @@ def parse_args() -> argparse.Namespace:
                         help='settings and parameters for every policy run, as in --kv-evict-config (JSON), '
                              'e.g. \'{"realloc_period": 32}\' with --policies crystal')
     parser.add_argument("--no-kvpress", action="store_true", help="skip the kvpress peer")
+    parser.add_argument("--no-free-running", action="store_true",
+                        help="skip the free-running decode of the greedy traces' prompts (repetition, length)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="RUN",
                         help="instead of running, write one report (to --out) from earlier runs on the same "
@@ -98,10 +108,10 @@ def describe_sequences(sequences, budgets: list[str]) -> list[dict]:
     } for s in sequences]  # fmt: skip
 
 
-def kvpress_reference_check(reference: list[torch.Tensor], sequences, kvpress_reference: list[dict]) -> dict:
+def kvpress_reference_check(reference: list[Reference], sequences, kvpress_reference: list[dict]) -> dict:
     """How closely kvpress's own full cache (its reference, other transformers version) matches ours."""
     agree, drift, count = 0, 0.0, 0
-    for ours, sequence, theirs in zip(reference, sequences, kvpress_reference):
+    for ours, sequence, theirs in zip((r.logits for r in reference), sequences, kvpress_reference):
         targets = torch.tensor(sequence.continuation_ids)
         nll = -torch.log_softmax(ours.double(), -1).gather(-1, targets.view(-1, 1)).squeeze(-1)
         agree += int((ours.argmax(-1) == torch.tensor(theirs["top1"])).sum())
@@ -116,7 +126,7 @@ def run_protocol(name: str, sequences, model, model_path: Path, args, settings: 
     labels = [s.labels for s in sequences]
     walls = {}
     started = time.monotonic()
-    reference = full_cache_logits(model, sequences)
+    reference = full_cache_reference(model, sequences)
     walls["reference"] = time.monotonic() - started
     configs = [Config("none", FULL)] if "none" in args.policies else []
     configs += [Config(policy, budget) for policy in args.policies if policy != "none" for budget in args.budgets]
@@ -127,6 +137,13 @@ def run_protocol(name: str, sequences, model, model_path: Path, args, settings: 
     results: dict[str, dict] = {}
     for config, scores in ours.items():
         results.setdefault(config.policy, {})[config.budget] = summarize(scores, labels, greedy)
+    if greedy and not args.no_free_running:
+        started = time.monotonic()
+        outputs = free_run(model, sequences, configs, settings, end_of_think_ids, pad_id, eos_ids(model),
+                           args.new_tokens)  # fmt: skip
+        for config, summary in outputs.items():
+            results[config.policy][config.budget]["free_running"] = summary
+        walls["free_running"] = time.monotonic() - started
     kvpress = {"presses": list(PRESSES), "compression_interval": COMPRESSION_INTERVAL, "snapkv_window": SNAPKV_WINDOW}
     if args.no_kvpress:
         kvpress["status"] = "skipped: --no-kvpress"
@@ -212,7 +229,7 @@ def write_outputs(data: dict, out: Path) -> None:
         print(f"\n== {heading}")
         lines += [f"## {name}", "", heading, ""]
         for metric in report.METRICS:
-            if metric == "greedy_match" and name != "greedy_traces":
+            if not report.has_values(section["results"], metric):
                 continue
             title = report.METRICS[metric][0]
             print(f"\n-- {title}\n{report.text_table(section['results'], metric)}")
@@ -276,6 +293,12 @@ def main() -> None:
             "perplexity": "exp(mean negative log-likelihood of the replayed token) under the policy",
             "greedy_match": "scored tokens before the first top-1 disagreement = how long free-running greedy "
                             "decoding with the policy reproduces the full cache's trace (same inputs until then)",
+            "attention_recall": "mean over scored tokens of the share of the full cache's attention (from the "
+                                "predicting position, mean over layers and KV heads) on the entries the policy "
+                                "held (our policies only: kvpress does not say which positions it keeps)",
+            "free_running": "greedy decoding of the traces' prompts from the policy's own predictions (budgets as "
+                            "in the replay, same token limit): mean length, outputs that ended by themselves, share "
+                            "of repeated 4-grams, outputs identical to the full cache's trace (our policies only)",
         },
         "torch_threads": args.threads,
         "protocols": protocols,

@@ -16,8 +16,19 @@ METRICS = {
                      lambda m: m.get("greedy_match", {}).get("mean"), "{:.1f}"),
     "entries_held": ("KV entries held per layer and KV head (mean over steps)",
                      lambda m: m.get("entries_held", {}).get("mean"), "{:.0f}"),
+    "attention_recall": ("attention recall: share of the full cache's attention on the entries held",
+                         lambda m: m["all"].get("attention_recall"), "{:.3f}"),
+    "repeated_4grams": ("free-running: share of repeated 4-grams in the output",
+                        lambda m: m.get("free_running", {}).get("repeated_4grams"), "{:.3f}"),
+    "free_running_length": ("free-running: mean output length, tokens",
+                            lambda m: m.get("free_running", {}).get("mean_length"), "{:.0f}"),
 }  # fmt: skip
-PLOTTED = ("top1_agreement", "mean_kl", "greedy_match")
+PLOTTED = ("top1_agreement", "mean_kl", "greedy_match", "attention_recall", "repeated_4grams")
+
+
+def has_values(results: dict, metric: str) -> bool:
+    """Whether any configuration measured `metric` (greedy match and free running exist only on greedy traces)."""
+    return any(metric_value(m, metric) is not None for by_budget in results.values() for m in by_budget.values())
 
 
 def metric_value(metrics: dict, metric: str):

@@ -28,14 +28,15 @@ ANSWER_RULE = (
 
 @dataclass
 class TokenScores:
-    """One replayed sequence under one configuration: per continuation position, what `compare` measured, and the
-    KV entries the cache held per (layer, KV head) after the forward that made the prediction (filled by the
-    replays: memory is what the budgets are meant to equalise)."""
+    """One replayed sequence under one configuration: per continuation position, what `compare` measured, the KV
+    entries the cache held per (layer, KV head) after the forward that made the prediction (filled by the replays:
+    memory is what the budgets are meant to equalise), and the attention recall of that forward (our replay only)."""
 
     kl: list[float]
     agree: list[bool]
     nll: list[float]
     entries: list[float] = field(default_factory=list)
+    recall: list[float] = field(default_factory=list)
 
 
 def compare(reference_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> TokenScores:
@@ -55,9 +56,9 @@ class ReplayScores:
         self.rows = [TokenScores([], [], [], []) for _ in range(rows)]
 
     def record(self, live: list[int], reference_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
-               entries: list[float]) -> None:  # fmt: skip
-        """One step: rows `live` (their logits, in that order, against the reference's) and the entries every row
-        of the batch holds."""
+               entries: list[float], recall: list[float | None] | None = None) -> None:  # fmt: skip
+        """One step: rows `live` (their logits, in that order, against the reference's), the entries every row of
+        the batch holds and, when measured, every row's attention recall."""
         step = compare(reference_logits, logits, targets)
         for position, row in enumerate(live):
             scores = self.rows[row]
@@ -65,6 +66,8 @@ class ReplayScores:
             scores.agree.append(step.agree[position])
             scores.nll.append(step.nll[position])
             scores.entries.append(entries[row])
+            if recall is not None:
+                scores.recall.append(recall[row])
 
 
 def right_padded(rows: list[list[int]], pad: int) -> torch.Tensor:
@@ -105,13 +108,14 @@ def summarize(sequences: list[TokenScores], labels: list[list[str | None]], gree
     length (only meaningful on the model's own greedy traces)."""
     result = {}
     for part in PARTS:
-        kl, agree, nll = [], [], []
+        kl, agree, nll, recall = [], [], [], []
         per_sequence = {"tokens": [], "agreed": [], "kl_sum": []}
         for scores, row_labels in zip(sequences, labels):
             inside = [i for i, label in enumerate(row_labels) if label is not None and (part == "all" or label == part)]
             kl += [scores.kl[i] for i in inside]
             agree += [scores.agree[i] for i in inside]
             nll += [scores.nll[i] for i in inside]
+            recall += [scores.recall[i] for i in inside if scores.recall]
             per_sequence["tokens"].append(len(inside))
             per_sequence["agreed"].append(sum(scores.agree[i] for i in inside))
             per_sequence["kl_sum"].append(math.fsum(scores.kl[i] for i in inside))
@@ -120,6 +124,7 @@ def summarize(sequences: list[TokenScores], labels: list[list[str | None]], gree
             "top1_agreement": sum(agree) / len(agree) if agree else None,
             "mean_kl": sum(kl) / len(kl) if kl else None,
             "perplexity": math.exp(sum(nll) / len(nll)) if nll else None,
+            "attention_recall": statistics.fmean(recall) if recall else None,
             "per_sequence": per_sequence,  # for comparisons paired by sequence (report.paired_difference)
         }
     entries = [value for scores in sequences for value in scores.entries]

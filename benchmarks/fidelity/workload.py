@@ -1,4 +1,4 @@
-"""What is replayed: the model's own full-cache greedy traces, or chained real solutions; and the full cache's logits.
+"""What is replayed: the model's own full-cache greedy traces, or chained real solutions; and the full cache on them.
 
 A `Sequence` is a prompt and the continuation fed to the model token by token after it, with a label per
 continuation token (reasoning, answer, or unscored). Needs transformers (our environment only).
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from benchmarks.fidelity.recall import FullAttention, full_attention, recording_attention
 from benchmarks.fidelity.scoring import label_parts
 from crystal_sglang.prompts import INSTRUCTION, chat_messages
 
@@ -42,12 +43,16 @@ def decoded_spans(tokenizer, ids: list[int]) -> tuple[str, list[tuple[int, int]]
     return tokenizer.decode(ids), spans
 
 
+def eos_ids(model) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos])
+
+
 @torch.no_grad()
 def greedy_traces(model, tokenizer, problems: list[str], new_tokens: int, batch_size: int = 8) -> list[Sequence]:
     """Full-cache greedy generation (left-padded batches). Each trace ends before its end-of-sequence token: nothing
     is forced past the natural end; a trace that hits `new_tokens` is kept as far as it got (natural_end False)."""
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
+    eos = eos_ids(model)
     tokenizer.padding_side = "left"
     sequences = []
     for first in tqdm(range(0, len(problems), batch_size), desc="full-cache greedy traces", unit="batch"):
@@ -98,14 +103,24 @@ def solution_sequences(tokenizer, records: list[dict], count: int, min_tokens: i
     return sequences
 
 
+@dataclass
+class Reference:
+    """The full cache on one sequence: next-token logits [continuation, V] for every continuation token, and its
+    attention (for attention recall)."""
+
+    logits: torch.Tensor
+    attention: FullAttention
+
+
 @torch.no_grad()
-def full_cache_logits(model, sequences: list[Sequence]) -> list[torch.Tensor]:
-    """Per sequence, the full cache's next-token logits [continuation, V] for every continuation token (one
-    teacher-forced forward over prompt + continuation)."""
+def full_cache_reference(model, sequences: list[Sequence]) -> list[Reference]:
+    """Per sequence, one teacher-forced forward of the full cache over prompt + continuation."""
     result = []
-    for sequence in tqdm(sequences, desc="full-cache reference logits", unit="seq"):
+    scaling = model.model.layers[0].self_attn.scaling
+    for sequence in tqdm(sequences, desc="full-cache reference", unit="seq"):
         ids = torch.tensor([sequence.prompt_ids + sequence.continuation_ids])
         prompt, length = len(sequence.prompt_ids), len(sequence.continuation_ids)
-        hidden = model.model(input_ids=ids[:, : prompt + length - 1]).last_hidden_state
-        result.append(model.lm_head(hidden[0, prompt - 1 :]).float())
+        with recording_attention(model) as records:
+            hidden = model.model(input_ids=ids[:, : prompt + length - 1]).last_hidden_state
+        result.append(Reference(model.lm_head(hidden[0, prompt - 1 :]).float(), full_attention(records, scaling, prompt)))
     return result

@@ -1,0 +1,120 @@
+"""The fidelity benchmark's replays on a tiny random Llama: the full-cache reference, attention recall, and the
+free-running decode.
+
+Recording the full cache's attention leaves its logits bit-identical; the recorded attention is the model's own
+(eager attention weights, mean over each KV head's query group); recall is 1 wherever a row holds everything and
+falls below 1 once a small budget evicts; free-running rows that cannot outgrow their budget reproduce the full
+cache's greedy trace token for token.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from benchmarks.fidelity.free_running import free_run, repeated_ngrams
+from benchmarks.fidelity.replay import FULL, Config, replay_policies
+from benchmarks.fidelity.scoring import REASONING, summarize
+from benchmarks.fidelity.workload import Sequence, full_cache_reference
+from tests.tiny_model import RANDOM_LLAMA, random_llama
+
+CONFIG = RANDOM_LLAMA
+PROMPT, NEW_TOKENS = 10, 40
+SETTINGS = {"sinks": 2, "window": 4, "buffer": 4, "protect_prompt": False}
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    model = random_llama()
+    assert model.config._attn_implementation == "sdpa"
+    return model
+
+
+@pytest.fixture(scope="module")
+def traces(model) -> list[Sequence]:
+    """Two full-cache greedy traces of different prompt lengths."""
+    sequences = []
+    for seed, length in ((1, PROMPT), (2, PROMPT + 3)):
+        prompt = torch.randint(1, 250, (1, length), generator=torch.Generator().manual_seed(seed))
+        output = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+        sequences.append(Sequence(f"trace-{seed}", prompt[0].tolist(), output[0, length:].tolist(),
+                                  [REASONING] * NEW_TOKENS))  # fmt: skip
+    return sequences
+
+
+def test_recording_the_attention_leaves_the_reference_logits_bit_identical(model, traces):
+    for sequence, reference in zip(traces, full_cache_reference(model, traces)):
+        ids = torch.tensor([sequence.prompt_ids + sequence.continuation_ids[:-1]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(sequence.prompt_ids) - 1 :].float()
+        assert torch.equal(reference.logits, logits)
+
+
+def test_the_recorded_attention_is_the_models_own(model, traces):
+    sequence = traces[0]
+    reference = full_cache_reference(model, [sequence])[0]
+    ids = torch.tensor([sequence.prompt_ids + sequence.continuation_ids[:-1]])
+    model.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            weights = model(input_ids=ids, output_attentions=True).attentions  # per layer [1, Hq, N, N]
+    finally:
+        model.config._attn_implementation = "sdpa"
+    group = CONFIG.num_attention_heads // CONFIG.num_key_value_heads
+    for step in (0, 1, 17, NEW_TOKENS - 1):
+        position = PROMPT + step - 1
+        expected = torch.stack([w[0, :, position, : position + 1] for w in weights])  # [L, Hq, P + step]
+        expected = expected.view(CONFIG.num_hidden_layers, -1, group, position + 1).mean(2)
+        torch.testing.assert_close(reference.attention.row(step), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_recall_is_one_while_everything_is_held_and_drops_once_a_small_budget_evicts(model, traces):
+    configs = [Config("none", FULL), Config("streamingllm", "16"), Config("crystal", "16")]
+    reference = full_cache_reference(model, traces)
+    scores = replay_policies(model, traces, configs, reference, SETTINGS, (), pad_id=0)
+    for sequence_scores in scores[Config("none", FULL)]:
+        assert sequence_scores.recall == pytest.approx([1.0] * NEW_TOKENS, abs=1e-5)
+    for policy in ("streamingllm", "crystal"):
+        for sequence, sequence_scores in zip(traces, scores[Config(policy, "16")]):
+            recall, held = sequence_scores.recall, sequence_scores.entries
+            assert len(recall) == NEW_TOKENS and all(0.0 < r <= 1.0 + 1e-5 for r in recall)
+            # The forward that predicts token `step` has seen prompt + `step` tokens; `held` counts after it evicted.
+            first_eviction = next(step for step, entries in enumerate(held)
+                                  if entries < len(sequence.prompt_ids) + step)  # fmt: skip
+            assert first_eviction > 4
+            assert recall[: first_eviction + 1] == pytest.approx([1.0] * (first_eviction + 1), abs=1e-5)
+            assert min(recall[first_eviction + 1 :]) < 0.99
+    summary = summarize(scores[Config("crystal", "16")], [s.labels for s in traces], greedy=True)
+    assert 0.0 < summary["all"]["attention_recall"] < 1.0
+
+
+def test_free_running_reproduces_the_trace_while_the_budget_covers_it(model, traces):
+    covering = str(PROMPT + 3 + NEW_TOKENS)  # above every row's length: nothing is evicted
+    configs = [Config("none", FULL), Config("crystal", covering), Config("streamingllm", "16")]
+    outputs = free_run(model, traces, configs, SETTINGS, (), pad_id=0, eos_ids=set(), new_tokens=NEW_TOKENS)
+    for config in configs[:2]:
+        assert outputs[config]["identical_to_trace"] == len(traces)
+        assert outputs[config]["mean_length"] == NEW_TOKENS and outputs[config]["ended_by_itself"] == 0
+    evicting = outputs[Config("streamingllm", "16")]
+    assert evicting["mean_length"] == NEW_TOKENS
+    expected = [repeated_ngrams(sequence.continuation_ids) for sequence in traces]
+    assert outputs[Config("none", FULL)]["repeated_4grams"] == sum(r for r, _ in expected) / sum(n for _, n in expected)
+
+
+def test_free_running_stops_a_row_at_its_end_of_sequence_token(model, traces):
+    stop = traces[0].continuation_ids[5]  # the full cache emits it at step 5 of the first trace
+    outputs = free_run(model, traces[:1], [Config("none", FULL)], SETTINGS, (), pad_id=0, eos_ids={stop},
+                       new_tokens=NEW_TOKENS)  # fmt: skip
+    result = outputs[Config("none", FULL)]
+    first = traces[0].continuation_ids.index(stop)
+    assert result["ended_by_itself"] == 1 and result["per_sequence"]["lengths"] == [first]
+
+
+def test_repeated_ngrams_counts_every_repeat_of_an_earlier_4_gram():
+    assert repeated_ngrams([1, 2, 3, 4, 1, 2, 3, 4]) == (1, 5)
+    assert repeated_ngrams([7] * 10) == (6, 7)
+    assert repeated_ngrams([1, 2, 3]) == (0, 0)
