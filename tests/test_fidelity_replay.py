@@ -1,10 +1,11 @@
-"""The fidelity benchmark's replays on a tiny random Llama: the full-cache reference, attention recall, and the
-free-running decode.
+"""The fidelity benchmark's replays on a tiny random Llama: the full-cache reference, attention recall, the
+free-running decode, and the oracle top-k ceiling.
 
 Recording the full cache's attention leaves its logits bit-identical; the recorded attention is the model's own
 (eager attention weights, mean over each KV head's query group); recall is 1 wherever a row holds everything and
 falls below 1 once a small budget evicts; free-running rows that cannot outgrow their budget reproduce the full
-cache's greedy trace token for token.
+cache's greedy trace token for token; the oracle attends to exactly the keys it should, and with a covering number
+of entries it is the full cache.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from benchmarks.fidelity.free_running import free_run, repeated_ngrams
+from benchmarks.fidelity.oracle import oracle_scores, top_k_attention
 from benchmarks.fidelity.replay import FULL, Config, replay_policies
 from benchmarks.fidelity.scoring import REASONING, summarize
 from benchmarks.fidelity.workload import Sequence, full_cache_reference
@@ -118,3 +120,26 @@ def test_repeated_ngrams_counts_every_repeat_of_an_earlier_4_gram():
     assert repeated_ngrams([1, 2, 3, 4, 1, 2, 3, 4]) == (1, 5)
     assert repeated_ngrams([7] * 10) == (6, 7)
     assert repeated_ngrams([1, 2, 3]) == (0, 0)
+
+
+def test_oracle_attention_attends_to_each_query_groups_top_keys_only():
+    generator = torch.Generator().manual_seed(3)
+    query, key, value = (torch.randn(1, heads, 9, 8, generator=generator) for heads in (4, 2, 2))
+    entries, group, scaling = 3, 2, 8**-0.5
+    output = top_k_attention(query, key, value, scaling, entries)  # [1, N, Hq, d]
+    for head in range(4):
+        kv = head // group
+        for row in range(9):
+            probabilities = [torch.softmax(query[0, h, row] @ key[0, kv, : row + 1].T * scaling, -1)
+                             for h in range(kv * group, kv * group + group)]  # fmt: skip
+            chosen = torch.stack(probabilities).mean(0).argsort(descending=True)[:entries]
+            weights = torch.softmax(query[0, head, row] @ key[0, kv, chosen].T * scaling, -1)
+            torch.testing.assert_close(output[0, row, head], weights @ value[0, kv, chosen])
+
+
+def test_oracle_with_every_key_is_the_full_cache_and_with_few_keys_is_not(model, traces):
+    reference = full_cache_reference(model, traces)
+    covering = oracle_scores(model, traces[0], reference[0], entries=PROMPT + NEW_TOKENS)
+    assert all(covering.agree) and max(covering.kl) < 1e-6
+    small = oracle_scores(model, traces[0], reference[0], entries=6)
+    assert max(small.entries) == 6 and max(small.kl) > 1e-3

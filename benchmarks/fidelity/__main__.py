@@ -7,7 +7,8 @@ trace) then replays the trace token by token, teacher-forced, all (policy, budge
 `EvictingCache`; kvpress's decoding press replays the same traces from its own environment. Per configuration:
 top-1 agreement with the full cache, mean KL(full || policy), perplexity of the replayed text and attention recall
 (the full cache's attention mass on the entries held), split into the reasoning and the answer part, and the
-greedy-match length. Our policies also decode the traces' prompts free-running (length, 4-gram repetition). With `--problems` (MATH-500 JSONL), real solutions
+greedy-match length; beside them a ceiling, oracle top-k attention at the same budgets. Our policies also decode
+the traces' prompts free-running (length, 4-gram repetition). With `--problems` (MATH-500 JSONL), real solutions
 chained into long conversations are replayed too (scored on the solutions only).
 
     python -m benchmarks.fidelity [--quick] [--problems FILE [--solutions-only]] [--out results/fidelity]
@@ -24,10 +25,12 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from benchmarks.fidelity import report
 from benchmarks.fidelity.kvpress_runner import COMPRESSION_INTERVAL, PRESSES, SNAPKV_WINDOW, run_kvpress
 from benchmarks.fidelity.merge import MergeError, load_run, merge_runs
+from benchmarks.fidelity.oracle import ORACLE, oracle_scores
 from benchmarks.fidelity.replay import FULL, Config, budget_entries, replay_policies
 from benchmarks.fidelity.scoring import ANSWER, ANSWER_RULE, REASONING, summarize
 from benchmarks.fidelity.free_running import free_run
@@ -38,8 +41,9 @@ from benchmarks.fidelity.workload import (
     greedy_traces,
     solution_sequences,
 )
+from crystal_sglang.config import parse_budget
 from crystal_sglang.models import prepare_default_model
-from crystal_sglang.policies import POLICY_NAMES
+from crystal_sglang.policies import POLICY_NAMES, make_spec
 from crystal_sglang.prompts import INSTRUCTION, load_problems
 
 MODES = {
@@ -73,6 +77,8 @@ def parse_args() -> argparse.Namespace:
                         help='settings and parameters for every policy run, as in --kv-evict-config (JSON), '
                              'e.g. \'{"realloc_period": 32}\' with --policies crystal')
     parser.add_argument("--no-kvpress", action="store_true", help="skip the kvpress peer")
+    parser.add_argument("--no-oracle", action="store_true",
+                        help=f"skip the {ORACLE} ceiling (oracle top-k attention at budget + buffer entries)")
     parser.add_argument("--no-free-running", action="store_true",
                         help="skip the free-running decode of the greedy traces' prompts (repetition, length)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -137,6 +143,14 @@ def run_protocol(name: str, sequences, model, model_path: Path, args, settings: 
     results: dict[str, dict] = {}
     for config, scores in ours.items():
         results.setdefault(config.policy, {})[config.budget] = summarize(scores, labels, greedy)
+    if not args.no_oracle:
+        started = time.monotonic()
+        buffer = make_spec(COMPARED, parse_budget("100%"), settings).settings.buffer
+        for budget in tqdm(args.budgets, desc=f"{ORACLE} ceiling", unit="budget"):
+            scores = [oracle_scores(model, sequence, sequence_reference, budget_entries(budget, sequence) + buffer)
+                      for sequence, sequence_reference in zip(sequences, reference)]  # fmt: skip
+            results.setdefault(ORACLE, {})[budget] = summarize(scores, labels, greedy)
+        walls["oracle"] = time.monotonic() - started
     if greedy and not args.no_free_running:
         started = time.monotonic()
         outputs = free_run(model, sequences, configs, settings, end_of_think_ids, pad_id, eos_ids(model),
@@ -296,6 +310,9 @@ def main() -> None:
             "attention_recall": "mean over scored tokens of the share of the full cache's attention (from the "
                                 "predicting position, mean over layers and KV heads) on the entries the policy "
                                 "held (our policies only: kvpress does not say which positions it keeps)",
+            ORACLE: "not a policy: a ceiling. Oracle top-k attention: at every position each KV head attends to "
+                    "the budget + buffer keys its query group weights most, chosen afresh with the query in hand "
+                    "(no eviction policy can bring entries back)",
             "free_running": "greedy decoding of the traces' prompts from the policy's own predictions (budgets as "
                             "in the replay, same token limit): mean length, outputs that ended by themselves, share "
                             "of repeated 4-grams, outputs identical to the full cache's trace (our policies only)",
