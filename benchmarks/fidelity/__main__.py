@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from benchmarks.fidelity import report
 from benchmarks.fidelity.kvpress_runner import COMPRESSION_INTERVAL, PRESSES, SNAPKV_WINDOW, run_kvpress
 from benchmarks.fidelity.merge import MergeError, load_run, merge_runs
-from benchmarks.fidelity.oracle import ORACLE, oracle_scores
+from benchmarks.fidelity.oracle import oracle_scores
 from benchmarks.fidelity.replay import FULL, Config, budget_entries, replay_policies
 from benchmarks.fidelity.scoring import ANSWER, ANSWER_RULE, REASONING, summarize
 from benchmarks.fidelity.free_running import free_run
@@ -78,7 +78,7 @@ def parse_args() -> argparse.Namespace:
                              'e.g. \'{"realloc_period": 32}\' with --policies crystal')
     parser.add_argument("--no-kvpress", action="store_true", help="skip the kvpress peer")
     parser.add_argument("--no-oracle", action="store_true",
-                        help=f"skip the {ORACLE} ceiling (oracle top-k attention at budget + buffer entries)")
+                        help=f"skip the {report.ORACLE} ceiling (oracle top-k attention at budget + buffer entries)")
     parser.add_argument("--no-free-running", action="store_true",
                         help="skip the free-running decode of the greedy traces' prompts (repetition, length)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -146,10 +146,10 @@ def run_protocol(name: str, sequences, model, model_path: Path, args, settings: 
     if not args.no_oracle:
         started = time.monotonic()
         buffer = make_spec(COMPARED, parse_budget("100%"), settings).settings.buffer
-        for budget in tqdm(args.budgets, desc=f"{ORACLE} ceiling", unit="budget"):
+        for budget in tqdm(args.budgets, desc=f"{report.ORACLE} ceiling", unit="budget"):
             scores = [oracle_scores(model, sequence, sequence_reference, budget_entries(budget, sequence) + buffer)
                       for sequence, sequence_reference in zip(sequences, reference)]  # fmt: skip
-            results.setdefault(ORACLE, {})[budget] = summarize(scores, labels, greedy)
+            results.setdefault(report.ORACLE, {})[budget] = summarize(scores, labels, greedy)
         walls["oracle"] = time.monotonic() - started
     if greedy and not args.no_free_running:
         started = time.monotonic()
@@ -310,9 +310,9 @@ def main() -> None:
             "attention_recall": "mean over scored tokens of the share of the full cache's attention (from the "
                                 "predicting position, mean over layers and KV heads) on the entries the policy "
                                 "held (our policies only: kvpress does not say which positions it keeps)",
-            ORACLE: "not a policy: a ceiling. Oracle top-k attention: at every position each KV head attends to "
-                    "the budget + buffer keys its query group weights most, chosen afresh with the query in hand "
-                    "(no eviction policy can bring entries back)",
+            report.ORACLE: "not a policy but a ceiling, oracle top-k attention: at every position each KV head "
+                           "attends to the budget + buffer keys its query group weights most, chosen afresh with "
+                           "the query in hand (no eviction policy can bring entries back)",
             "free_running": "greedy decoding of the traces' prompts from the policy's own predictions (budgets as "
                             "in the replay, same token limit): mean length, outputs that ended by themselves, share "
                             "of repeated 4-grams, outputs identical to the full cache's trace (our policies only)",

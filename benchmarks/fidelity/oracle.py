@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 
+from benchmarks.fidelity.report import ORACLE
 from benchmarks.fidelity.scoring import TokenScores, compare
 from benchmarks.fidelity.workload import Reference, Sequence
 
-ORACLE = "oracle-topk"  # its row in the results, beside the policies
 ATTENTION_NAME = "crystal_kv_oracle"
 
 

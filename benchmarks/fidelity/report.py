@@ -3,6 +3,7 @@ fixed budgets and ratio budgets as two panels; and paired comparisons of one pol
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ METRICS = {
     "free_running_length": ("free-running: mean output length, tokens",
                             lambda m: m.get("free_running", {}).get("mean_length"), "{:.0f}"),
 }  # fmt: skip
+ORACLE = "oracle-topk"  # the ceiling's row in the results (benchmarks/fidelity/oracle.py), drawn apart
 PLOTTED = ("top1_agreement", "mean_kl", "greedy_match", "attention_recall", "repeated_4grams")
 
 
@@ -149,14 +151,15 @@ def plot_metric(results: dict, metric: str, title: str, path: Path) -> None:
                     axis.axhline(value, color="black", linestyle=":", linewidth=1, label=f"{policy} (full cache)")
                 continue
             ys = [metric_value(by_budget[b], metric) if b in by_budget else None for b in budgets]
-            style = "--" if policy.startswith("kvpress") else "-"
+            style = "--" if policy.startswith("kvpress") else "-." if policy == ORACLE else "-"
             width = 2.5 if policy == "crystal" else 1.2
+            color = "dimgray" if policy == ORACLE else colors[policy]
             axis.plot(xs, [float("nan") if y is None else y for y in ys], style, marker="o", linewidth=width,
-                      color=colors[policy], label=policy)  # fmt: skip
+                      color=color, label=f"{policy} (ceiling)" if policy == ORACLE else policy)  # fmt: skip
         axis.set_xlabel(label)
         axis.set_xticks(xs)
         axis.set_xticklabels(budgets)
-        axis.set_ylabel(METRICS[metric][0])
+        axis.set_ylabel(textwrap.fill(METRICS[metric][0], 40))
         axis.grid(alpha=0.3)
     axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.suptitle(title)

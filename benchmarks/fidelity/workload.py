@@ -122,5 +122,6 @@ def full_cache_reference(model, sequences: list[Sequence]) -> list[Reference]:
         prompt, length = len(sequence.prompt_ids), len(sequence.continuation_ids)
         with recording_attention(model) as records:
             hidden = model.model(input_ids=ids[:, : prompt + length - 1]).last_hidden_state
-        result.append(Reference(model.lm_head(hidden[0, prompt - 1 :]).float(), full_attention(records, scaling, prompt)))
+        logits = model.lm_head(hidden[0, prompt - 1 :]).float()
+        result.append(Reference(logits, full_attention(records, scaling, prompt)))
     return result
