@@ -18,6 +18,7 @@ from crystal_sglang.policies import create_policy
 from crystal_sglang.policies.base import (
     CacheShape,
     Decision,
+    EvictionPolicy,
     SelectionContext,
     SelectionInput,
     StepScores,
@@ -46,11 +47,14 @@ class RequestEvictor:
         device: torch.device | str = "cpu",
         layout: str = SHARED_SLOTS,
         end_of_think_ids: tuple[int, ...] = (),
+        policy: EvictionPolicy | None = None,
     ):
+        """`policy`: an instance to use instead of the registry's for `spec` (the fidelity benchmark's hindsight
+        ceiling, which reads the future and is no servable policy)."""
         self.spec = spec
         self.shape = shape
         self.device = torch.device(device)
-        self.policy = create_policy(spec)
+        self.policy = policy or create_policy(spec)
         self.state = self.policy.new_state(shape, self.device)
         self.settings = spec.settings
         self.layout = layout

@@ -1,11 +1,11 @@
 """The fidelity benchmark's replays on a tiny random Llama: the full-cache reference, attention recall, the
-free-running decode, and the oracle top-k ceiling.
+free-running decode, and the two ceilings (oracle top-k attention, hindsight eviction).
 
 Recording the full cache's attention leaves its logits bit-identical; the recorded attention is the model's own
 (eager attention weights, mean over each KV head's query group); recall is 1 wherever a row holds everything and
 falls below 1 once a small budget evicts; free-running rows that cannot outgrow their budget reproduce the full
 cache's greedy trace token for token; the oracle attends to exactly the keys it should, and with a covering number
-of entries it is the full cache.
+of entries it is the full cache; hindsight ranks by the attention still to come and keeps the entries that get most.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from benchmarks.fidelity.free_running import free_run, repeated_ngrams
+from benchmarks.fidelity.hindsight import FutureAttention, hindsight_scores
 from benchmarks.fidelity.oracle import oracle_scores, top_k_attention
 from benchmarks.fidelity.replay import FULL, Config, replay_policies
 from benchmarks.fidelity.scoring import REASONING, summarize
@@ -143,3 +144,30 @@ def test_oracle_with_every_key_is_the_full_cache_and_with_few_keys_is_not(model,
     assert all(covering.agree) and max(covering.kl) < 1e-6
     small = oracle_scores(model, traces[0], reference[0], entries=6)
     assert max(small.entries) == 6 and max(small.kl) > 1e-3
+
+
+def test_hindsight_ranks_by_the_attention_still_to_come(model, traces):
+    attention = full_cache_reference(model, traces[:1])[0].attention
+    future = FutureAttention(attention)
+    position = PROMPT + 20
+    expected = torch.zeros_like(future.after(position))
+    for step in range(position - PROMPT + 2, NEW_TOKENS):  # the queries at positions after `position`
+        row = attention.row(step)
+        expected[..., : row.shape[-1]] += row
+    torch.testing.assert_close(future.after(position), expected, rtol=1e-4, atol=1e-6)
+    assert not future.after(PROMPT + NEW_TOKENS - 2).any()  # nothing comes after the last fed position
+
+
+def test_hindsight_with_a_covering_budget_is_the_full_cache_and_with_a_small_one_evicts(model, traces):
+    reference = full_cache_reference(model, traces)
+    scores = hindsight_scores(model, traces, [str(PROMPT + 3 + NEW_TOKENS), "16"], reference, SETTINGS, (), pad_id=0)
+    for covering in scores[str(PROMPT + 3 + NEW_TOKENS)]:
+        assert all(covering.agree) and max(covering.kl) < 1e-6 and min(covering.recall) > 1 - 1e-5
+    for small in scores["16"]:
+        assert max(small.entries) <= 16 + SETTINGS["buffer"] and min(small.recall) < 0.99
+    # Keeping what later queries attend to keeps more of their attention than any policy that cannot see them.
+    policies = replay_policies(model, traces, [Config(p, "16") for p in ("streamingllm", "crystal", "h2o")], reference,
+                               SETTINGS, (), pad_id=0)  # fmt: skip
+    hindsight_recall = sum(sum(row.recall) for row in scores["16"])
+    for policy_scores in policies.values():
+        assert hindsight_recall > sum(sum(row.recall) for row in policy_scores)

@@ -7,9 +7,10 @@ trace) then replays the trace token by token, teacher-forced, all (policy, budge
 `EvictingCache`; kvpress's decoding press replays the same traces from its own environment. Per configuration:
 top-1 agreement with the full cache, mean KL(full || policy), perplexity of the replayed text and attention recall
 (the full cache's attention mass on the entries held), split into the reasoning and the answer part, and the
-greedy-match length; beside them a ceiling, oracle top-k attention at the same budgets. Our policies also decode
-the traces' prompts free-running (length, 4-gram repetition). With `--problems` (MATH-500 JSONL), real solutions
-chained into long conversations are replayed too (scored on the solutions only).
+greedy-match length; beside them two ceilings at the same budgets, eviction that knows the future and oracle
+top-k attention. Our policies also decode the traces' prompts free-running (length, 4-gram repetition). With
+`--problems` (MATH-500 JSONL), real solutions chained into long conversations are replayed too (scored on the
+solutions only).
 
     python -m benchmarks.fidelity [--quick] [--problems FILE [--solutions-only]] [--out results/fidelity]
     python -m benchmarks.fidelity --merge RUN [RUN ...] --out DIR     # one report from runs on the same sequences
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from benchmarks.fidelity import report
 from benchmarks.fidelity.kvpress_runner import COMPRESSION_INTERVAL, PRESSES, SNAPKV_WINDOW, run_kvpress
 from benchmarks.fidelity.merge import MergeError, load_run, merge_runs
+from benchmarks.fidelity.hindsight import hindsight_scores
 from benchmarks.fidelity.oracle import oracle_scores
 from benchmarks.fidelity.replay import FULL, Config, budget_entries, replay_policies
 from benchmarks.fidelity.scoring import ANSWER, ANSWER_RULE, REASONING, summarize
@@ -78,7 +80,8 @@ def parse_args() -> argparse.Namespace:
                              'e.g. \'{"realloc_period": 32}\' with --policies crystal')
     parser.add_argument("--no-kvpress", action="store_true", help="skip the kvpress peer")
     parser.add_argument("--no-oracle", action="store_true",
-                        help=f"skip the {report.ORACLE} ceiling (oracle top-k attention at budget + buffer entries)")
+                        help=f"skip the ceilings: {report.HINDSIGHT} (eviction that knows the future) and "
+                             f"{report.ORACLE} (top-k attention chosen afresh per query, budget + buffer keys)")
     parser.add_argument("--no-free-running", action="store_true",
                         help="skip the free-running decode of the greedy traces' prompts (repetition, length)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -150,7 +153,9 @@ def run_protocol(name: str, sequences, model, model_path: Path, args, settings: 
             scores = [oracle_scores(model, sequence, sequence_reference, budget_entries(budget, sequence) + buffer)
                       for sequence, sequence_reference in zip(sequences, reference)]  # fmt: skip
             results.setdefault(report.ORACLE, {})[budget] = summarize(scores, labels, greedy)
-        walls["oracle"] = time.monotonic() - started
+        hindsight = hindsight_scores(model, sequences, args.budgets, reference, settings, end_of_think_ids, pad_id)
+        results[report.HINDSIGHT] = {budget: summarize(scores, labels, greedy) for budget, scores in hindsight.items()}
+        walls["ceilings"] = time.monotonic() - started
     if greedy and not args.no_free_running:
         started = time.monotonic()
         outputs = free_run(model, sequences, configs, settings, end_of_think_ids, pad_id, eos_ids(model),
@@ -310,6 +315,8 @@ def main() -> None:
             "attention_recall": "mean over scored tokens of the share of the full cache's attention (from the "
                                 "predicting position, mean over layers and KV heads) on the entries the policy "
                                 "held (our policies only: kvpress does not say which positions it keeps)",
+            report.HINDSIGHT: "not a policy but a ceiling for eviction: evicts as the policies do (same protection, "
+                              "budget, buffer) keeping the entries the full cache's later queries attend to most",
             report.ORACLE: "not a policy but a ceiling, oracle top-k attention: at every position each KV head "
                            "attends to the budget + buffer keys its query group weights most, chosen afresh with "
                            "the query in hand (no eviction policy can bring entries back)",

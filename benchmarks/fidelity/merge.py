@@ -9,12 +9,12 @@ import json
 from pathlib import Path
 
 from benchmarks.fidelity.kvpress_runner import PRESSES
-from benchmarks.fidelity.report import ORACLE
+from benchmarks.fidelity.report import HINDSIGHT, ORACLE
 from crystal_sglang.policies import POLICY_NAMES
 
 # What every merged run must share: otherwise the same budget would not mean the same cache.
 SHARED = ("model", "mode", "prompts", "instruction", "new_tokens", "eviction_settings")
-ORDER = ("none", *(p for p in POLICY_NAMES if p != "none"), ORACLE, *PRESSES)  # as a fresh run lists them
+ORDER = ("none", *(p for p in POLICY_NAMES if p != "none"), ORACLE, HINDSIGHT, *PRESSES)  # as a fresh run lists them
 
 
 class MergeError(ValueError):

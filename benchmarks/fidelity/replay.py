@@ -81,7 +81,11 @@ def replay_policies(
     result: dict[Config, list[TokenScores]] = {config: [None] * len(sequences) for config in configs}
     with tqdm(total=steps, desc=f"our policies ({len(configs)} configurations)", unit="token") as progress:
         for group in groups:
-            scores = replay_rows(model, sequences, group, reference, settings, end_of_think_ids, pad_id, progress)
+            indices = [index for _, index in group]
+            requests = [row_request(config, sequences[index], settings, end_of_think_ids,
+                                    len(sequences[index].prompt_ids) + len(sequences[index].continuation_ids))
+                        for config, index in group]  # fmt: skip
+            scores = replay_rows(model, sequences, indices, requests, reference, pad_id, progress)
             for (config, index), row_scores in zip(group, scores):
                 result[config][index] = row_scores
     return result
@@ -89,36 +93,34 @@ def replay_policies(
 
 @torch.no_grad()
 def replay_rows(
-    model, sequences: list[Sequence], rows: list[tuple[Config, int]], reference: list[Reference], settings: dict,
-    end_of_think_ids: tuple[int, ...], pad_id: int, progress,
+    model, sequences: list[Sequence], indices: list[int], requests: list[RowRequest], reference: list[Reference],
+    pad_id: int, progress,
 ) -> list[TokenScores]:
-    """Rows (configuration, sequence index) as one `EvictingCache`, teacher-forced; token scores per row."""
-    requests = [row_request(config, sequences[index], settings, end_of_think_ids,
-                            len(sequences[index].prompt_ids) + len(sequences[index].continuation_ids))
-                for config, index in rows]  # fmt: skip
+    """Rows (a request each, replaying sequence `indices[row]`) as one `EvictingCache`, teacher-forced; token
+    scores per row."""
     cache = EvictingCache(model.config, requests)
-    lengths = [len(sequences[index].continuation_ids) for _, index in rows]
-    recorded = ReplayScores(len(rows))
+    lengths = [len(sequences[index].continuation_ids) for index in indices]
+    recorded = ReplayScores(len(indices))
 
     def recall(step: int) -> list[float | None]:
         """Per row, the recall of the forward that predicts continuation token `step`: what the row holds now."""
         return [reference[index].attention.recall(step, evictor.positions, evictor.valid) if step < length else None
-                for (_, index), evictor, length in zip(rows, cache.evictors, lengths)]  # fmt: skip
+                for index, evictor, length in zip(indices, cache.evictors, lengths)]  # fmt: skip
 
     with evicting_attention(model):
-        logits = prefill(model, cache, [sequences[index].prompt_ids for _, index in rows], pad_id)
+        logits = prefill(model, cache, [sequences[index].prompt_ids for index in indices], pad_id)
         recalls = recall(0)
         for step in range(max(lengths)):
             live = [row for row, length in enumerate(lengths) if step < length]
-            targets = torch.tensor([sequences[rows[row][1]].continuation_ids[step] for row in live])
+            targets = torch.tensor([sequences[indices[row]].continuation_ids[step] for row in live])
             held = [float(evictor.valid.sum(-1).float().mean()) for evictor in cache.evictors]
-            references = torch.stack([reference[rows[row][1]].logits[step] for row in live])
+            references = torch.stack([reference[indices[row]].logits[step] for row in live])
             recorded.record(live, references, logits[live], targets, held, recalls)
             progress.update()
             if step + 1 == max(lengths):
                 break
             fed = torch.tensor([sequences[index].continuation_ids[step] if step < lengths[row] else pad_id
-                                for row, (_, index) in enumerate(rows)])  # fmt: skip
+                                for row, index in enumerate(indices)])  # fmt: skip
             recalls = recall(step + 1)
             logits = decode(model, cache, fed)
     return recorded.rows

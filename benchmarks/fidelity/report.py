@@ -24,7 +24,10 @@ METRICS = {
     "free_running_length": ("free-running: mean output length, tokens",
                             lambda m: m.get("free_running", {}).get("mean_length"), "{:.0f}"),
 }  # fmt: skip
-ORACLE = "oracle-topk"  # the ceiling's row in the results (benchmarks/fidelity/oracle.py), drawn apart
+# The ceilings' rows in the results (benchmarks/fidelity/oracle.py, hindsight.py), drawn apart: not policies.
+ORACLE = "oracle-topk"
+HINDSIGHT = "hindsight"
+CEILING_STYLES = {ORACLE: "-.", HINDSIGHT: ":"}
 PLOTTED = ("top1_agreement", "mean_kl", "greedy_match", "attention_recall", "repeated_4grams")
 
 
@@ -151,11 +154,12 @@ def plot_metric(results: dict, metric: str, title: str, path: Path) -> None:
                     axis.axhline(value, color="black", linestyle=":", linewidth=1, label=f"{policy} (full cache)")
                 continue
             ys = [metric_value(by_budget[b], metric) if b in by_budget else None for b in budgets]
-            style = "--" if policy.startswith("kvpress") else "-." if policy == ORACLE else "-"
+            ceiling = policy in CEILING_STYLES
+            style = CEILING_STYLES.get(policy, "--" if policy.startswith("kvpress") else "-")
             width = 2.5 if policy == "crystal" else 1.2
-            color = "dimgray" if policy == ORACLE else colors[policy]
             axis.plot(xs, [float("nan") if y is None else y for y in ys], style, marker="o", linewidth=width,
-                      color=color, label=f"{policy} (ceiling)" if policy == ORACLE else policy)  # fmt: skip
+                      color="dimgray" if ceiling else colors[policy],
+                      label=f"{policy} (ceiling)" if ceiling else policy)  # fmt: skip
         axis.set_xlabel(label)
         axis.set_xticks(xs)
         axis.set_xticklabels(budgets)

@@ -29,7 +29,15 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from crystal_sglang.config import EvictionSpec
 from crystal_sglang.eviction import PER_HEAD, SHARED_SLOTS, RequestEvictor
-from crystal_sglang.policies.base import SPARSITY_THRESHOLD, CacheShape, Decision, ScoreNeeds, StepBatch
+from crystal_sglang.policies import create_policy
+from crystal_sglang.policies.base import (
+    SPARSITY_THRESHOLD,
+    CacheShape,
+    Decision,
+    EvictionPolicy,
+    ScoreNeeds,
+    StepBatch,
+)
 from crystal_sglang.quantization import fake_quantize_keys, fake_quantize_values
 from crystal_sglang.kernels.score_reference import score_dense
 
@@ -53,6 +61,7 @@ class RowRequest:
     full_length: int
     layout: str | None = None  # default: per-head budgets for policies that reallocate, shared slots otherwise
     end_of_think_ids: tuple[int, ...] = ()
+    policy: EvictionPolicy | None = None  # instead of the registry's for `spec` (see `RequestEvictor`)
 
 
 class EvictingLayer(CacheLayerMixin):
@@ -104,13 +113,14 @@ class EvictingCache(Cache):
         self.shape = cache_shape(config)
         super().__init__(layers=[EvictingLayer() for _ in range(self.shape.layers)])
         self.rows = rows
+        policies = [row.policy or create_policy(row.spec) for row in rows]
         self.evictors = [
             RequestEvictor(
                 row.spec, self.shape, row.prompt_length, row.full_length, device=device,
-                layout=row.layout or (PER_HEAD if _reallocates(row.spec) else SHARED_SLOTS),
-                end_of_think_ids=row.end_of_think_ids,
+                layout=row.layout or (PER_HEAD if policy.reallocates else SHARED_SLOTS),
+                end_of_think_ids=row.end_of_think_ids, policy=policy,
             )
-            for row in rows
+            for row, policy in zip(rows, policies)
         ]  # fmt: skip
         self.entries = [0] * len(rows)  # physical entries per row (the largest over its heads)
         # Every layer's keys, values [L, B, H, capacity, d] and validity [L, B, H, capacity]; allocated at the prefill.
@@ -297,12 +307,6 @@ class EvictingCache(Cache):
         valid[:, :, :k] = True if decision.keep_valid is None else decision.keep_valid
         valid[:, :, k:] = False
         self.entries[row] = k
-
-
-def _reallocates(spec: EvictionSpec) -> bool:
-    from crystal_sglang.policies import policy_class
-
-    return policy_class(spec.policy).reallocates
 
 
 def crystal_kv_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
