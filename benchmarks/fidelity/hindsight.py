@@ -28,14 +28,10 @@ class FutureAttention:
     [L, H, N (from), N (to)] (the reversed cumulative sum of the attention rows over the queries)."""
 
     def __init__(self, attention: FullAttention):
-        layers, kv_heads, length, dim = attention.keys.shape
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        layers, kv_heads, length, _ = attention.keys.shape
         self.remaining = torch.empty(layers, kv_heads, length, length)
         for layer in range(layers):
-            query = attention.queries[layer].view(kv_heads, -1, length, dim)
-            logits = query @ attention.keys[layer].unsqueeze(1).transpose(-1, -2) * attention.scaling
-            rows = logits.masked_fill(~causal, float("-inf")).softmax(-1).mean(1)  # [H, N, N]
-            self.remaining[layer] = rows.flip(1).cumsum(1).flip(1)
+            self.remaining[layer] = attention.layer_rows(layer).flip(1).cumsum(1).flip(1)
 
     def after(self, position: int) -> torch.Tensor:
         """[L, H, N] attention each position will still receive from the queries after `position`."""

@@ -19,6 +19,17 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 RECORDING = "crystal_kv_record"
 
 
+def group_mean_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float, causal: bool = False):
+    """Softmax attention of queries [..., H, g, n, d] over keys [..., H, m, d], mean over each KV head's query group:
+    [..., H, n, m]. `causal`: query i sees the keys up to i (n = m)."""
+    logits = queries @ keys.unsqueeze(-3).transpose(-1, -2) * scaling
+    if causal:
+        length = logits.shape[-1]
+        future = torch.ones(length, length, dtype=torch.bool, device=logits.device).triu(1)
+        logits = logits.masked_fill(future, float("-inf"))
+    return logits.softmax(-1).mean(-3)
+
+
 class FullAttention:
     """One sequence's full-cache attention: rotated queries [L, Hq, N, d] and keys [L, H, N, d] of its
     teacher-forced forward over N positions (prompt + continuation without its last token)."""
@@ -34,10 +45,16 @@ class FullAttention:
         if self._row is None or self._row[0] != step:
             position = self.prompt_length + step - 1
             layers, kv_heads, _, dim = self.keys.shape
-            query = self.queries[:, :, position].view(layers, kv_heads, -1, dim)
-            logits = torch.einsum("lhgd,lhnd->lhgn", query, self.keys[:, :, : position + 1]) * self.scaling
-            self._row = (step, logits.softmax(-1).mean(2))
+            query = self.queries[:, :, position].view(layers, kv_heads, -1, 1, dim)
+            row = group_mean_attention(query, self.keys[:, :, : position + 1], self.scaling).squeeze(-2)
+            self._row = (step, row)
         return self._row[1]
+
+    def layer_rows(self, layer: int) -> torch.Tensor:
+        """[H, N, N] attention of every position of `layer` over the positions up to it, mean over each group."""
+        kv_heads, length, dim = self.keys.shape[1:]
+        query = self.queries[layer].view(kv_heads, -1, length, dim)
+        return group_mean_attention(query, self.keys[layer], self.scaling, causal=True)
 
     def recall(self, step: int, positions: torch.Tensor, valid: torch.Tensor) -> float:
         """Share of step `step`'s attention on the logical `positions` [L, H, n] marked `valid`, the entries a row
