@@ -5,7 +5,8 @@ Recording the full cache's attention leaves its logits bit-identical; the record
 (eager attention weights, mean over each KV head's query group); recall is 1 wherever a row holds everything and
 falls below 1 once a small budget evicts; free-running rows that cannot outgrow their budget reproduce the full
 cache's greedy trace token for token; the oracle attends to exactly the keys it should, and with a covering number
-of entries it is the full cache; hindsight ranks by the attention still to come and keeps the entries that get most.
+of entries it is the full cache; hindsight ranks by the attention still to come and keeps the entries that get most;
+the predictability study scores a signal against that ideal.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from transformers import LlamaForCausalLM
 from benchmarks.fidelity.free_running import free_run, repeated_ngrams
 from benchmarks.fidelity.hindsight import FutureAttention, hindsight_scores
 from benchmarks.fidelity.oracle import oracle_scores, top_k_attention
+from benchmarks.fidelity.predictability import IDEAL, SIGNALS, mean_over_sequences, policy_signal, study
+from benchmarks.fidelity.recall import FullAttention
 from benchmarks.fidelity.replay import FULL, Config, replay_policies
 from benchmarks.fidelity.scoring import REASONING, summarize
 from benchmarks.fidelity.workload import Sequence, full_cache_reference
@@ -171,3 +174,33 @@ def test_hindsight_with_a_covering_budget_is_the_full_cache_and_with_a_small_one
     hindsight_recall = sum(sum(row.recall) for row in scores["16"])
     for policy_scores in policies.values():
         assert hindsight_recall > sum(sum(row.recall) for row in policy_scores)
+
+
+def test_predictability_scores_foresight_1_and_every_causal_signal_at_most_1():
+    # Peaked attention (the tiny random model's is nearly uniform, where every choice captures the same):
+    # random rotated queries and keys of 2 layers, 2 KV heads of 2 query heads each, 80 positions after a prompt of 10.
+    generator = torch.Generator().manual_seed(0)
+    queries, keys = torch.randn(2, 4, 80, 8, generator=generator), torch.randn(2, 2, 80, 8, generator=generator)
+    attention = FullAttention(queries, keys, scaling=1.5, prompt_length=PROMPT)
+
+    def foresight(rows, prompt):  # at step t: the attention from the queries after t
+        future = rows.flip(1).cumsum(1).flip(1)
+        return torch.cat([future[:, 1:], torch.zeros_like(future[:, :1])], dim=1)
+
+    signals = {**SIGNALS, "foresight": foresight, "reversed": lambda rows, prompt: -foresight(rows, prompt)}
+    result = mean_over_sequences([study(attention, {"24": 24}, signals)])["24"]
+    assert result[IDEAL]["captured"] == pytest.approx(1.0)
+    assert result["foresight"]["captured"] == pytest.approx(1.0)
+    assert result["reversed"]["captured"] < 0.9  # the signal's highest scores are the ones kept
+    for name in SIGNALS:
+        assert 0 < result[name]["captured"] <= 1 + 1e-6, name
+        assert 0 <= result[name]["prompt_share"] <= 1, name
+    assert len({row["points"] for row in result.values()}) == 1  # every signal scored at the same points
+
+
+def test_a_policy_signal_is_the_policys_own_priority_fed_the_decode_rows(model, traces):
+    rows = full_cache_reference(model, traces[:1])[0].attention.layer_rows(0)
+    accumulated = policy_signal("h2o")(rows, PROMPT)
+    decode_rows = rows.clone()
+    decode_rows[:, :PROMPT] = 0  # the prompt's queries are never observed
+    torch.testing.assert_close(accumulated[:, PROMPT:], decode_rows.cumsum(1)[:, PROMPT:], rtol=1e-5, atol=1e-6)
