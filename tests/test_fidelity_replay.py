@@ -196,6 +196,12 @@ def test_predictability_scores_foresight_1_and_every_causal_signal_at_most_1():
         assert 0 < result[name]["captured"] <= 1 + 1e-6, name
         assert 0 <= result[name]["prompt_share"] <= 1, name
     assert len({row["points"] for row in result.values()}) == 1  # every signal scored at the same points
+    every_query = torch.ones(keys.shape[2], dtype=torch.bool)
+    assert study(attention, {"24": 24}, signals, queries=every_query) == study(attention, {"24": 24}, signals)
+    early_queries = every_query.clone()
+    early_queries[30:] = False  # of the points 24, 40, 56 and 72, only 24 has any of these queries still to come
+    early = mean_over_sequences([study(attention, {"24": 24}, signals, queries=early_queries)])["24"]
+    assert early[IDEAL]["points"] == result[IDEAL]["points"] // 4
 
 
 def test_a_policy_signal_is_the_policys_own_priority_fed_the_decode_rows(model, traces):

@@ -10,6 +10,8 @@ most future attention. `captured` is the future attention on the signal's choice
 Signals: our policies' own rankings (`crystal-lite`'s LRFU worth, `h2o`'s accumulated attention, driven through the
 policy classes on the full cache's attention rows), attention decayed by a constant factor per step without a
 nucleus, the attention of the last 32 queries, and recency. As in the policies, only decode-step queries are seen.
+`--answer-queries` counts as the future only the attention of the queries that predict answer-part tokens (what the
+answer-first principle protects).
 
     python -m benchmarks.fidelity.predictability --problems ../shared/data/math500.jsonl --out DIR
 """
@@ -26,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.fidelity.recall import FullAttention
+from benchmarks.fidelity.scoring import ANSWER
 from crystal_sglang.config import Budget, parse_budget
 from crystal_sglang.policies import create_policy, make_spec
 from crystal_sglang.policies.base import CacheShape, SelectionInput, StepScores
@@ -98,21 +101,26 @@ SIGNALS: dict[str, Signal] = {
 }
 
 
-def study(attention: FullAttention, budgets: dict[str, int], signals: dict[str, Signal] = SIGNALS) -> dict:
+def study(attention: FullAttention, budgets: dict[str, int], signals: dict[str, Signal] = SIGNALS,
+          queries: torch.Tensor | None = None) -> dict:
     """Per budget label and signal, sums over (eviction point, layer, KV head) of `captured` and `prompt share`,
-    and their count."""
+    and their count. `queries` [N] bool: the future is the attention of these queries only (the points where none
+    of them is still to come are skipped); the signals still see every decode query."""
     prompt = attention.prompt_length
     layers, _, length, _ = attention.keys.shape
     totals = {label: {name: [0.0, 0.0, 0] for name in [IDEAL, *signals]} for label in budgets}
     for layer in range(layers):
         rows = attention.layer_rows(layer)
-        future = rows.flip(1).cumsum(1).flip(1)  # future[:, s, j]: attention to j from the queries at s and after
+        counted = rows if queries is None else rows * queries[None, :, None]
+        future = counted.flip(1).cumsum(1).flip(1)  # future[:, s, j]: attention to j from the queries at s and after
         scores = {name: signal(rows, prompt) for name, signal in signals.items()}
         for label, budget in budgets.items():
             keep = budget - SINKS - WINDOW
             for step in range(max(budget, prompt), length - 1, EVERY):
                 candidates = slice(SINKS, step + 1 - WINDOW)
                 still = future[:, step + 1, candidates]
+                if not bool(still.any()):
+                    continue
                 best = still.topk(keep, -1)
                 in_prompt = torch.arange(SINKS, step + 1 - WINDOW) < prompt
                 chosen = {IDEAL: best.indices}
@@ -124,6 +132,15 @@ def study(attention: FullAttention, budgets: dict[str, int], signals: dict[str, 
                     total[1] += float(in_prompt[indices].float().mean(-1).sum())
                     total[2] += captured.numel()
     return totals
+
+
+def answer_queries(sequence) -> torch.Tensor:
+    """[N] bool over the positions of the full cache's forward: those whose query predicts an answer-part token."""
+    prompt = len(sequence.prompt_ids)
+    mask = torch.zeros(prompt + len(sequence.continuation_ids) - 1, dtype=torch.bool)
+    for index, label in enumerate(sequence.labels):
+        mask[prompt + index - 1] = label == ANSWER
+    return mask
 
 
 def mean_over_sequences(per_sequence: list[dict]) -> dict:
@@ -163,6 +180,8 @@ def main() -> None:
                         "of the built-in prompts)")  # fmt: skip
     parser.add_argument("--prompts", type=int, help="sequences (default: 8 solutions conversations, 20 traces)")
     parser.add_argument("--budgets", default="64,10%,20%")
+    parser.add_argument("--answer-queries", action="store_true",
+                        help="the future is the attention of the queries that predict answer-part tokens only")
     parser.add_argument("--out", type=Path, default=Path("results/fidelity/predictability"))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -187,7 +206,8 @@ def main() -> None:
                                    full_cache_reference(model, sequences)):  # fmt: skip
         full = len(sequence.prompt_ids) + len(sequence.continuation_ids)
         budgets = {label: parse_budget(label).resolve(full) for label in budget_labels}
-        per_sequence.append(study(reference.attention, budgets))
+        queries = answer_queries(sequence) if args.answer_queries else None
+        per_sequence.append(study(reference.attention, budgets, queries=queries))
     result = mean_over_sequences(per_sequence)
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.fidelity.predictability " + " ".join(sys.argv[1:])
