@@ -2,9 +2,9 @@
 
 The hindsight ceiling shows that keeping the entries the full cache's later queries attend to most would bring a
 policy close to the full cache; this study asks how much of that a causal signal recovers, one eviction at a time,
-on the full cache's own attention (no replay): at every 16th position past the budget, per (layer, KV head), the
-signal's top entries (sinks and the recent window aside, which every policy keeps) are compared with the entries of
-most future attention. `captured` is the future attention on the signal's choice over that on the ideal choice
+on the full cache's own attention (no replay): at every 16th position past both the budget and the prompt, per
+(layer, KV head), the signal's top entries (the benchmark's 4 sinks and 8-entry window aside, which every policy
+keeps) are compared with the entries of most future attention. `captured` is the future attention on the signal's choice over that on the ideal choice
 (1 = as good as foresight); `prompt share` is the share of the chosen entries that lie in the prompt.
 
 Signals: our policies' own rankings (`crystal-lite`'s LRFU worth, `h2o`'s accumulated attention, driven through the
