@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from tests.policy_helpers import torch_threads
+from tests.policy_helpers import NO_TRANSITION, torch_threads, write_calibration
 from tests.tiny_model import build_tiny_llama
 
 
@@ -26,6 +26,18 @@ def one_torch_thread():
     `torch_threads`."""
     with torch_threads(1):
         yield
+
+
+@pytest.fixture(scope="session")
+def calibration(tmp_path_factory) -> str:
+    """A ThinKV thresholds file whose thought types all occur in the policy tests' sparsity streams."""
+    return write_calibration(tmp_path_factory.mktemp("thinkv"))
+
+
+@pytest.fixture(scope="session")
+def calm_calibration(tmp_path_factory) -> str:
+    """ThinKV thresholds under which no segment is a Transition (no demotion within budget)."""
+    return write_calibration(tmp_path_factory.mktemp("thinkv_calm"), NO_TRANSITION)
 
 
 @pytest.fixture(scope="session")

@@ -13,14 +13,9 @@ from crystal_sglang.config import MAX_ENTRIES, Budget, ConfigError, Settings, bu
 from crystal_sglang.policies import POLICY_NAMES, create_policy, make_spec, policy_class
 from crystal_sglang.policies.lrfu import LRFUParams
 from crystal_sglang.policies.rkv import RKVParams
-from tests.policy_helpers import make_evictor, write_calibration
+from tests.policy_helpers import make_evictor
 
 HOW_TO_GIVE_A_BUDGET = r"give entries \(e\.g\. 128\) or a share \(e\.g\. 10%\)"
-
-
-@pytest.fixture(scope="module")
-def calibration(tmp_path_factory) -> str:
-    return write_calibration(tmp_path_factory.mktemp("thinkv"))
 
 
 # ---- budgets -----------------------------------------------------------------------------------------------------

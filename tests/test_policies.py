@@ -25,7 +25,6 @@ from crystal_sglang.policies.rkv import redundancy
 from crystal_sglang.policies.thinkv import EXECUTION, REASONING, TRANSITION, Calibration, kmeans_survivors
 from tests.policy_helpers import (
     EXECUTION_SPARSITY,
-    NO_TRANSITION,
     REASONING_SPARSITY,
     SHAPE,
     SMALL_SEGMENTS,
@@ -40,23 +39,12 @@ from tests.policy_helpers import (
     make_evictor,
     make_test_spec,
     one_hot_attention,
-    write_calibration,
 )
 
 SCORED = ["crystal", "crystal-lite", "h2o", "streamingllm", "snapkv", "rkv"]  # priority() is a pure function
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def calibration(tmp_path_factory) -> str:
-    return write_calibration(tmp_path_factory.mktemp("thinkv"))
-
-
-@pytest.fixture(scope="module")
-def calm_calibration(tmp_path_factory) -> str:
-    return write_calibration(tmp_path_factory.mktemp("thinkv_calm"), NO_TRANSITION)
 
 
 def test_registry_lists_every_policy():

@@ -19,11 +19,9 @@ from crystal_sglang.policies import POLICIES, POLICY_NAMES
 from crystal_sglang.reference import cache as reference_cache
 from crystal_sglang.reference.cache import EvictingCache, RowRequest, cache_shape, evicting_attention
 from tests.policy_helpers import (
-    NO_TRANSITION,
     SMALL_SEGMENTS,
     check_every_decision,
     make_test_spec,
-    write_calibration,
 )
 from tests.tiny_model import RANDOM_LLAMA, random_llama
 
@@ -52,16 +50,6 @@ def prompt() -> torch.Tensor:
 @pytest.fixture(scope="module")
 def plain_output(model, prompt):
     return generate(model, prompt, NEW_TOKENS)
-
-
-@pytest.fixture(scope="module")
-def calibration(tmp_path_factory) -> str:
-    return write_calibration(tmp_path_factory.mktemp("thinkv"))
-
-
-@pytest.fixture(scope="module")
-def calm_calibration(tmp_path_factory) -> str:
-    return write_calibration(tmp_path_factory.mktemp("thinkv_calm"), NO_TRANSITION)
 
 
 def generate(model, input_ids, new_tokens: int, cache: EvictingCache | None = None, **options):

@@ -11,10 +11,8 @@ import importlib
 import importlib.util
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 import traceback
 import types
 
@@ -247,27 +245,16 @@ def test_compiled_kernel_matches_reference(case_name):
     assert_parity(score_triton(**inputs), score_reference(**inputs), inputs, score_atol, score_rtol, flips_per_row=1)
 
 
-def _median_ms(function, inputs: dict, repeats: int = 10) -> float:
-    function(**inputs)  # compiles the kernel / warms the allocator
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        function(**inputs)
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("mode", ["mean", "max_logit"])
 def test_compiled_kernel_timing(mode, capsys):
     """Prints kernel and reference times (no timed assertion: shared GPUs make timings noisy)."""
+    from benchmarks.kernel_bench import median_ms  # not at the top: the interpreted cases run this file as a script
     from crystal_sglang.kernels.score_triton import score_triton
 
     inputs = make_inputs({**LARGE_CASES[f"{mode}-sparsity"], "lens": [8192] * 8}, device="cuda")
-    kernel_ms, reference_ms = _median_ms(score_triton, inputs), _median_ms(score_reference, inputs)
+    kernel_ms, reference_ms = median_ms(score_triton, inputs, 10), median_ms(score_reference, inputs, 10)
     with capsys.disabled():
         print(f"\n{mode} B=8 n=8192 Hq=32 Hkv=8 d=128 W=8 bf16: "
               f"triton {kernel_ms:.3f} ms, reference {reference_ms:.3f} ms, x{reference_ms / kernel_ms:.1f}")
