@@ -155,7 +155,7 @@ def mean_over_sequences(per_sequence: list[dict]) -> dict:
     return result
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path, answer_queries: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,7 +167,8 @@ def plot(result: dict, path: Path) -> None:
         axis.plot(labels, [result[label][name]["captured"] for label in labels], marker="o", label=name)
     axis.set_xlabel("budget (entries per layer and KV head)")
     axis.set_ylabel("future attention kept / ideal")
-    axis.set_title("How well past attention predicts future attention (one eviction)")
+    future = "the answer part's attention" if answer_queries else "future attention"
+    axis.set_title(f"How well past attention predicts {future} (one eviction)", fontsize=10)
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -212,7 +213,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.fidelity.predictability " + " ".join(sys.argv[1:])
     (args.out / "predictability.json").write_text(json.dumps({"command": command, "results": result}, indent=1))
-    plot(result, args.out / "predictability.png")
+    plot(result, args.out / "predictability.png", args.answer_queries)
     for label, signals in result.items():
         print(f"budget {label}: captured / prompt share")
         for name, row in sorted(signals.items(), key=lambda item: -item[1]["captured"]):
