@@ -87,7 +87,7 @@ class Settings:
     seed: int = 0  # for policies that draw at random
     realloc_period: int = 128  # tokens between two per-layer/head budget reallocations (policies that reallocate)
     realloc_floor: float = 0.5  # share of the budget a head keeps at least after a reallocation
-    realloc_signal: str = CRF_PER_SLOT  # which heads a reallocation favours (see budgets.REALLOC_SIGNALS)
+    realloc_signal: str = SLOTS_PER_CRF  # which heads a reallocation favours: measured, not published (budgets.py)
 
     @property
     def protected_window(self) -> int:
@@ -183,7 +183,8 @@ def build_spec(policy: str, budget: Budget, config: dict, policy_params_type: An
     if settings.realloc_signal not in REALLOC_SIGNALS:
         raise ConfigError(
             f"realloc_signal={settings.realloc_signal!r} is not one of {', '.join(map(repr, REALLOC_SIGNALS))}: "
-            f"{CRF_PER_SLOT!r} is Algorithm 2 as published, {SLOTS_PER_CRF!r} gives budget to seldom-hit heads"
+            f"{CRF_PER_SLOT!r} is Algorithm 2 as published, {SLOTS_PER_CRF!r} (the default) gives budget to "
+            "seldom-hit heads"
         )
     if settings.end_of_think == "":
         raise ConfigError("end_of_think must be a non-empty marker or null")

@@ -1,5 +1,5 @@
-"""Crystal-KV: attention-based LRFU (Algorithm 1), with Algorithm 2's budget reallocation (`crystal`) or without
-(`crystal-lite`).
+"""Crystal-KV: attention-based LRFU (Algorithm 1), with Algorithm 2's budget reallocation (`crystal`; by default
+toward the heads the paper would starve, see budgets.py) or without (`crystal-lite`).
 
 Every entry carries a combined recency-frequency value `crf` and the step `tau` of its last hit. A decode step's
 hits are the top-p nucleus of the new query's attention; a hit decays then rewards, `crf = lam**(t - tau) * crf + 1`.
