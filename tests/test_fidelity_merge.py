@@ -60,6 +60,7 @@ def test_runs_of_other_budgets_and_policies_become_one_table_with_paired_compari
     write_outputs(merged, tmp_path / "merged")
     summary = (tmp_path / "merged" / "summary.md").read_text()
     assert "Merged from:\n- `first`\n- `second`" in summary and "| crystal | 0.750 | 1.000 |" in summary
+    assert "DecodingPress" not in summary  # kvpress did not run: its setup is not described
     assert load_run(tmp_path / "merged") == json.loads((tmp_path / "merged" / "fidelity.json").read_text())
 
 

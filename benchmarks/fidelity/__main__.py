@@ -43,7 +43,7 @@ from benchmarks.fidelity.workload import (
     greedy_traces,
     solution_sequences,
 )
-from crystal_sglang.config import parse_budget
+from crystal_sglang.config import Settings, parse_budget
 from crystal_sglang.models import prepare_default_model
 from crystal_sglang.policies import POLICY_NAMES, make_spec
 from crystal_sglang.prompts import INSTRUCTION, load_problems
@@ -225,6 +225,10 @@ def replayed_text(data: dict) -> str:
     return " and ".join(parts)
 
 
+def ran_kvpress(data: dict) -> bool:
+    return any(section.get("kvpress", {}).get("status") == "ok" for section in data["protocols"].values())
+
+
 def write_outputs(data: dict, out: Path) -> None:
     mode = data["mode"]
     suffix = "-quick" if mode == "quick" else ""
@@ -237,9 +241,9 @@ def write_outputs(data: dict, out: Path) -> None:
         *(["", "Merged from:", *(f"- `{command}`" for command in data["merged_from"])] if "merged_from" in data
           else []),
         "", f"- Budgets: {data['settings_note']}.", f"- {ANSWER_RULE}.",
-        f"- kvpress: `DecodingPress(compression_interval={COMPRESSION_INTERVAL}, target_size=budget)` around "
-        f"`SnapKVPress(window_size={SNAPKV_WINDOW})`, `StreamingLLMPress()` and `KnormPress()`, as shipped, in its "
-        "own environment.",
+        *([f"- kvpress: `DecodingPress(compression_interval={COMPRESSION_INTERVAL}, target_size=budget)` around "
+           f"`SnapKVPress(window_size={SNAPKV_WINDOW})`, `StreamingLLMPress()` and `KnormPress()`, as shipped, in "
+           "its own environment."] if ran_kvpress(data) else []),
         "",
     ]  # fmt: skip
     for name, section in data["protocols"].items():
@@ -300,11 +304,14 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "solution_tokens": args.solution_tokens,
         "budgets": args.budgets,
+        # The reallocation direction is recorded even at its default: runs made before the default changed
+        # (the published direction) lack it, and are then refused by `--merge` beside newer runs.
         "eviction_settings": {"protect_prompt": args.protect_prompt, "sinks": 4, "window": 8, "buffer": 16,
-                              **args.config},
+                              "realloc_signal": Settings.realloc_signal, **args.config},
         "settings_note": ("every entry counts toward the budget, prompt included, as in kvpress (`protect_prompt` off; "
                           "sinks 4, window 8, buffer 16)" if not args.protect_prompt else
-                          "policies keep their default of never evicting the prompt"),
+                          "policies keep their default of never evicting the prompt")
+                         + (f"; every policy with `--config {json.dumps(args.config)}`" if args.config else ""),
         "answer_rule": ANSWER_RULE,
         "metrics": {
             "top1_agreement": "share of scored tokens where the policy's top-1 next token is the full cache's",
