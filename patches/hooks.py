@@ -100,8 +100,8 @@ def evict_after_step(_result, _scheduler, batch, *args, **kwargs) -> None:
 def relieve_before_retracting(original, batch, *args, **kwargs):
     """`check_decode_mem` says whether the next step fits; when it does not, tighten budgets and ask again."""
     fits = original(batch, *args, **kwargs)
-    if not fits and _runtime.relieve_pressure(batch):
-        fits = original(batch, *args, **kwargs)
+    if not fits:
+        fits = _runtime.relieve_pressure(batch, lambda: original(batch, *args, **kwargs))
     return fits
 
 

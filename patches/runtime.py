@@ -24,6 +24,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -272,37 +273,44 @@ class EvictionRuntime:
             self._unreported = (self._unreported[0] + freed, self._unreported[1])
         return kept
 
-    def relieve_pressure(self, batch) -> int:
+    def relieve_pressure(self, batch, fits: Callable[[], bool]) -> bool:
         """Before SGLang retracts a request for lack of slots: halve the budgets of the running evicting requests
-        (never below the protected window), least useful slots first (Crystal-KV's CRF per slot when the policy
-        has it), and evict at once. Returns the slots freed."""
+        (never below the protected window) one at a time, least useful slots first (Crystal-KV's CRF per slot when
+        the policy has it), evicting at once, until `fits()` says the next step fits. Returns whether it does."""
         seq_lens = batch.seq_lens_cpu.tolist()
         candidates = []
         for i, req in enumerate(batch.reqs):
             tracked = self.tracked.get(req.rid)
-            if tracked is None or req.rid in self.failed or req.finished():
+            if tracked is None or req.rid in self.failed or req.finished() or not tracked.evictor.policy.evicts:
                 continue
             evictor = tracked.evictor
             floor = evictor.settings.protected_window + 1
             if evictor.budget > floor:
                 candidates.append((self._slot_utility(evictor), i, req, evictor, floor))
-        freed = 0
+        freed, halved, relieved = 0, 0, False
         for _, i, req, evictor, floor in sorted(candidates, key=lambda item: item[0]):
             evictor.set_budget(max(floor, evictor.budget // 2))
+            halved += 1
             try:
                 kept = self._evict(req, evictor, seq_lens[i])
             except Exception:
                 logger.exception("crystal-sglang: eviction under pressure failed for request %s", req.rid)
                 self.failed.add(req.rid)
                 continue
+            if kept == seq_lens[i]:
+                continue
             freed += seq_lens[i] - kept
             seq_lens[i] = kept
-        if freed:
             self._set_lengths(batch, seq_lens)
+            if fits():
+                relieved = True
+                break
+        if freed:
             self.pressure_relief_count += 1
             self._unreported = (self._unreported[0], self._unreported[1] + 1)
-            logger.info("crystal-sglang: memory pressure: budgets halved, %d slots freed before retracting", freed)
-        return freed
+            logger.info("crystal-sglang: memory pressure: %d of %d budgets halved, %d slots freed%s", halved,
+                        len(candidates), freed, "" if relieved else "; SGLang retracts as well")
+        return relieved
 
     def check_rows(self, batch) -> None:
         """Every running request's row lists distinct slots, none of them free in the allocator."""

@@ -121,3 +121,43 @@ def test_retraction_and_resume(tiny_model_dir, server_log_dir):
         assert server.pool_used_when_drained() == 0
     text = log.read_text()
     assert "#retracted_reqs" in text and "Traceback" not in text
+
+
+def test_memory_pressure_halves_one_budget_instead_of_retracting(tiny_model_dir, server_log_dir):
+    """Once running, a request that may stop early is counted as if it would write little more (here almost
+    nothing: `--schedule-conservativeness 0.01`), and SGLang retracts a request when the pool runs out. One such
+    request that does not stop, beside two evicting requests, outgrows a pool that one halved budget relieves: the
+    scheduler halves the less useful evicting request's budget, evicts at once, and nobody is retracted."""
+    log = server_log_dir / "pressure.log"
+    budget, buffer, new_tokens = 128, 16, 300
+    unbounded_length = len(PROMPT_IDS) + new_tokens
+    # The evicting requests hold 128-144 slots each from their 120th token on, 64-80 once halved. The pool runs out
+    # before the unbounded request ends whatever they hold (309 + 2 x 128 > pool - 4 slots for the next step), and
+    # one halved budget is enough until it ends (309 + 144 + 80 <= pool - 4).
+    pool = unbounded_length + 240
+    args = cpu_server_args("--kv-evict", "crystal", "--kv-evict-budget", str(budget), "--disable-radix-cache",
+                           "--schedule-conservativeness", "0.01", *SNAPSHOT_EVERY_BATCH, max_total_tokens=pool)
+    with SGLangServer(tiny_model_dir, args, log_path=log, env=DEBUG) as server:
+        unbounded = {"temperature": 0, "max_new_tokens": new_tokens, "custom_params": {"kv_evict": "none"}}
+        replies: dict = {}
+
+        def run(name, request):
+            thread = threading.Thread(target=lambda: replies.update({name: request()}))
+            thread.start()
+            return thread
+
+        # The unbounded request first (admitted at its full length, then counted at its estimate), then the others.
+        threads = [run("unbounded", lambda: server.post("/generate", {"input_ids": PROMPT_IDS,
+                                                                      "sampling_params": unbounded}))]  # fmt: skip
+        while server.get("/v1/loads")["loads"][0]["num_running_reqs"] < 1:
+            time.sleep(0.05)
+        threads += [run(f"evicting-{i}", lambda: generate(server, {}, new_tokens=new_tokens)) for i in range(2)]
+        for thread in threads:
+            thread.join()
+        assert all(len(reply["output_ids"]) == new_tokens for reply in replies.values())  # none stopped early
+        budgets = sorted(replies[f"evicting-{i}"]["meta_info"]["kv_evict"][-1]["budget"] for i in range(2))
+        assert budgets == [budget // 2, budget]
+        assert server.pool_used_when_drained() == 0
+    text = log.read_text()
+    assert "memory pressure: 1 of 2 budgets halved" in text
+    assert "KV cache pool is full" not in text and "Traceback" not in text
