@@ -129,7 +129,7 @@ def test_memory_pressure_halves_one_budget_instead_of_retracting(tiny_model_dir,
     request that does not stop, beside two evicting requests, outgrows a pool that one halved budget relieves: the
     scheduler halves the less useful evicting request's budget, evicts at once, and nobody is retracted."""
     log = server_log_dir / "pressure.log"
-    budget, buffer, new_tokens = 128, 16, 300
+    budget, new_tokens = 128, 300  # buffer 16, the default
     unbounded_length = len(PROMPT_IDS) + new_tokens
     # The evicting requests hold 128-144 slots each from their 120th token on, 64-80 once halved. The pool runs out
     # before the unbounded request ends whatever they hold (309 + 2 x 128 > pool - 4 slots for the next step), and
