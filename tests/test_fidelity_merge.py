@@ -76,6 +76,20 @@ def test_runs_with_other_settings_or_sequences_are_refused():
         merge_runs([], "m")
 
 
+def test_runs_may_differ_in_reallocation_settings_when_the_reallocating_rows_come_from_one_setting():
+    """A run made before the default direction changed (no `realloc_signal`) joins a newer one as long as every
+    `crystal` row kept comes from runs of one setting; `crystal-lite` reads none of them."""
+    old = run({"64": {"crystal": [False] * 4, "crystal-lite": [True] * 4}}, "old")
+    new = run({"64": {"crystal": [True] * 4}}, "new", eviction_settings={"sinks": 4, "realloc_signal": "s"})
+    merged = merge_runs([old, new], "m")
+    assert merged["eviction_settings"] == {"sinks": 4, "realloc_signal": "s"}
+    results = merged["protocols"]["math500_solutions"]["results"]
+    assert results["crystal"]["64"]["all"]["top1_agreement"] == 1.0 and "64" in results["crystal-lite"]
+    older_budget = run({"128": {"crystal": [True] * 4}}, "old-128")
+    with pytest.raises(MergeError, match="reallocating rows"):
+        merge_runs([older_budget, new], "m")  # crystal at 128 from one setting, at 64 from another
+
+
 def test_a_directory_with_more_than_one_run_asks_for_the_file(tmp_path):
     for name in ("fidelity.json", "fidelity-quick.json"):
         (tmp_path / name).write_text(json.dumps(run({"64": {"crystal": [True]}}, name)))

@@ -10,10 +10,13 @@ from pathlib import Path
 
 from benchmarks.fidelity.kvpress_runner import PRESSES
 from benchmarks.fidelity.report import HINDSIGHT, ORACLE
-from crystal_sglang.policies import POLICY_NAMES
+from crystal_sglang.policies import POLICY_NAMES, policy_class
 
 # What every merged run must share: otherwise the same budget would not mean the same cache.
-SHARED = ("model", "mode", "prompts", "instruction", "new_tokens", "eviction_settings")
+SHARED = ("model", "mode", "prompts", "instruction", "new_tokens")
+# Settings only reallocating policies (`crystal`) read. Runs may differ in them as long as every reallocating row of the
+# merged report comes from runs that agree on them (runs made before the default direction changed lack the key).
+REALLOCATION_SETTINGS = ("realloc_signal", "realloc_period", "realloc_floor")
 ORDER = ("none", *(p for p in POLICY_NAMES if p != "none"), ORACLE, HINDSIGHT, *PRESSES)  # as a fresh run lists them
 
 
@@ -53,6 +56,31 @@ def merge_section(merged: dict, section: dict, name: str) -> None:
         merged["wall_seconds"][step] = merged["wall_seconds"].get(step, 0.0) + seconds
 
 
+def merged_settings(runs: list[dict]) -> dict:
+    """The eviction settings every run shares, with the reallocation settings of the runs the merged report's
+    reallocating rows come from (a later run's (policy, budget) replaces an earlier one's)."""
+    def split(settings: dict) -> tuple[dict, dict]:
+        shared = {k: v for k, v in settings.items() if k not in REALLOCATION_SETTINGS}
+        return shared, {k: v for k, v in settings.items() if k in REALLOCATION_SETTINGS}
+
+    shared = [split(run["eviction_settings"])[0] for run in runs]
+    if any(settings != shared[0] for settings in shared):
+        raise MergeError(f"the runs differ in eviction_settings: {[run['eviction_settings'] for run in runs]}; "
+                         "merge only runs of the same protocol")  # fmt: skip
+    source = {}  # (protocol, policy, budget): the run whose row the merged report keeps
+    for index, run in enumerate(runs):
+        for name, section in run["protocols"].items():
+            for policy, by_budget in section["results"].items():
+                if policy in POLICY_NAMES and policy_class(policy).reallocates:
+                    source.update({(name, policy, budget): index for budget in by_budget})
+    kept = sorted(set(source.values())) or [len(runs) - 1]
+    reallocation = [split(runs[index]["eviction_settings"])[1] for index in kept]
+    if any(settings != reallocation[0] for settings in reallocation):
+        raise MergeError(f"the reallocating rows would come from runs with other reallocation settings: "
+                         f"{reallocation}; run them again with the same settings")  # fmt: skip
+    return {**shared[0], **reallocation[0]}
+
+
 def merge_runs(runs: list[dict], command: str) -> dict:
     """The union of `runs`' results per protocol; a later run's (policy, budget) replaces an earlier one's."""
     if not runs:
@@ -62,6 +90,7 @@ def merge_runs(runs: list[dict], command: str) -> dict:
         values = [run.get(key) for run in runs]
         if any(value != values[0] for value in values):
             raise MergeError(f"the runs differ in {key}: {values}; merge only runs of the same protocol")
+    eviction_settings = merged_settings(runs)
     protocols: dict[str, dict] = {}
     for run in runs:
         for name, section in run["protocols"].items():
@@ -79,6 +108,7 @@ def merge_runs(runs: list[dict], command: str) -> dict:
     threads = sorted({run["torch_threads"] for run in runs})
     return {
         **first,
+        "eviction_settings": eviction_settings,
         "command": command,
         "merged_from": [run["command"] for run in runs],
         "budgets": budgets,
