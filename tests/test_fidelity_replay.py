@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
 from benchmarks.fidelity.free_running import free_run, repeated_ngrams
+from benchmarks.fidelity.halving import halving_costs
+from benchmarks.fidelity.halving import summarize as summarize_halvings
 from benchmarks.fidelity.hindsight import FutureAttention, hindsight_scores
 from benchmarks.fidelity.oracle import oracle_scores, top_k_attention
 from benchmarks.fidelity.predictability import IDEAL, SIGNALS, mean_over_sequences, policy_signal, study
@@ -210,3 +213,26 @@ def test_a_policy_signal_is_the_policys_own_priority_fed_the_decode_rows(model, 
     decode_rows = rows.clone()
     decode_rows[:, :PROMPT] = 0  # the prompt's queries are never observed
     torch.testing.assert_close(accumulated[:, PROMPT:], decode_rows.cumsum(1)[:, PROMPT:], rtol=1e-5, atol=1e-6)
+
+
+def test_a_halving_drops_entries_at_its_checkpoint_and_costs_agreement_after_it(model, traces):
+    reference = full_cache_reference(model, traces[:1])[0]
+    progress = tqdm(disable=True)
+    (point,) = halving_costs(model, traces[0], reference, "16", [0.5], 10, 0, progress, SETTINGS)
+    assert point["checkpoint"] == NEW_TOKENS // 2 and point["tokens"] == 10
+    assert 16 <= point["held"] <= 16 + SETTINGS["buffer"]  # the row at its budget, not yet halved
+    assert point["dropped_worth"] > 0 and point["crf_per_slot"] >= 1  # every entry counts its creation as a hit
+    assert point["kl_gain"] > 0  # 8 entries instead of 16 move the next predictions further from the full cache
+    # A checkpoint with no scored token after it within the continuation gives no point.
+    assert halving_costs(model, traces[0], reference, "16", [1.0], 10, 0, progress, SETTINGS) == []
+
+
+def test_the_halving_summary_finds_a_signal_that_orders_the_costs_and_none_in_noise():
+    points = [{"sequence": f"s{i}", "crf_per_slot": float(i), "held": float((7 * i) % 11), "dropped_worth": -float(i),
+               "top1_loss": i / 100, "kl_gain": i / 10} for i in range(11)]  # fmt: skip
+    summary = summarize_halvings(points)
+    assert summary["crf_per_slot"]["top1_loss"]["spearman"] == pytest.approx(1.0)
+    assert summary["crf_per_slot"]["top1_loss"]["p"] < 0.01 and summary["crf_per_slot"]["lower_halved_costs_less"] == 1
+    assert summary["dropped_worth"]["kl_gain"]["spearman"] == pytest.approx(-1.0)
+    assert summary["dropped_worth"]["lower_halved_costs_less"] == 0
+    assert summary["held"]["top1_loss"]["p"] > 0.05

@@ -4,6 +4,7 @@ attention recall of what each row held). `free_running` decodes the same rows fr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -94,10 +95,11 @@ def replay_policies(
 @torch.no_grad()
 def replay_rows(
     model, sequences: list[Sequence], indices: list[int], requests: list[RowRequest], reference: list[Reference],
-    pad_id: int, progress,
+    pad_id: int, progress, before_feeding: Callable[[int, EvictingCache], None] | None = None,
 ) -> list[TokenScores]:
     """Rows (a request each, replaying sequence `indices[row]`) as one `EvictingCache`, teacher-forced; token
-    scores per row."""
+    scores per row. `before_feeding(step, cache)` runs before continuation token `step` is fed (what a scheduler
+    would do to the rows between two decode steps)."""
     cache = EvictingCache(model.config, requests)
     lengths = [len(sequences[index].continuation_ids) for index in indices]
     recorded = ReplayScores(len(indices))
@@ -122,5 +124,7 @@ def replay_rows(
             fed = torch.tensor([sequences[index].continuation_ids[step] if step < lengths[row] else pad_id
                                 for row, index in enumerate(indices)])  # fmt: skip
             recalls = recall(step + 1)
+            if before_feeding is not None:
+                before_feeding(step, cache)
             logits = decode(model, cache, fed)
     return recorded.rows
