@@ -1,8 +1,8 @@
 """Splitting a budget in proportion to need, with floors and caps: Crystal-KV's Algorithm 2.
 
-The same allocation splits a request's entries between its layers and heads (reference path) and the server's
-pool between running requests (scheduler): whoever shows a higher CRF per slot is being forced to evict
-CrystalKV and gets more.
+It splits a request's entries between its layers and heads (the reference path; in SGLang one slot count serves
+every head of a request). As published, whoever shows a higher CRF per slot is being forced to evict CrystalKV and
+gets more; `realloc_signal` chooses that direction or its inverse (the default).
 """
 
 from __future__ import annotations

@@ -275,8 +275,10 @@ class EvictionRuntime:
 
     def relieve_pressure(self, batch, fits: Callable[[], bool]) -> bool:
         """Before SGLang retracts a request for lack of slots: halve the budgets of the running evicting requests
-        (never below the protected window) one at a time, least useful slots first (Crystal-KV's CRF per slot when
-        the policy has it), evicting at once, until `fits()` says the next step fits. Returns whether it does."""
+        (never below the protected window) one at a time, evicting at once, until `fits()` says the next step fits.
+        Those that free the most slots go first: what halving costs a request (agreement with the full cache over
+        its next tokens) did not depend on its size, nor on its CRF per slot, so the largest first halves the fewest
+        (docs/DESIGN.md). Returns whether the step fits."""
         seq_lens = batch.seq_lens_cpu.tolist()
         candidates = []
         for i, req in enumerate(batch.reqs):
@@ -286,10 +288,11 @@ class EvictionRuntime:
             evictor = tracked.evictor
             floor = evictor.settings.protected_window + 1
             if evictor.budget > floor:
-                candidates.append((self._slot_utility(evictor), i, req, evictor, floor))
+                halved_budget = max(floor, evictor.budget // 2)
+                candidates.append((seq_lens[i] - halved_budget, i, req, evictor, halved_budget))
         freed, halved, relieved = 0, 0, False
-        for _, i, req, evictor, floor in sorted(candidates, key=lambda item: item[0]):
-            evictor.set_budget(max(floor, evictor.budget // 2))
+        for _, i, req, evictor, halved_budget in sorted(candidates, key=lambda item: -item[0]):
+            evictor.set_budget(halved_budget)
             halved += 1
             try:
                 kept = self._evict(req, evictor, seq_lens[i])
@@ -326,13 +329,6 @@ class EvictionRuntime:
                 raise AssertionError(f"request {req.rid}: its row repeats a slot")
             if bool(torch.isin(slots, free.cpu()).any()):
                 raise AssertionError(f"request {req.rid}: its row lists a slot the allocator holds as free")
-
-    def _slot_utility(self, evictor: RequestEvictor) -> float:
-        """Mean usefulness per held slot (CRF for Crystal-KV); 0 for policies without a utilisation signal."""
-        utilisation = evictor.policy.utilisation(evictor.state, evictor.length - 1, evictor.valid)
-        if utilisation is None:
-            return 0.0
-        return float(utilisation.sum()) / max(1, int(evictor.valid.sum()))
 
     @staticmethod
     def _set_lengths(batch, seq_lens: list[int]) -> None:

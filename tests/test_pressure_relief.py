@@ -1,5 +1,6 @@
 """Memory-pressure relief, on stand-ins for the batch and the evictors (the real ones run in the server tests): before
-SGLang retracts, budgets halve one request at a time, least useful first, until the next step fits."""
+SGLang retracts, budgets halve one request at a time, the one that frees the most slots first, until the next step
+fits."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ PROTECTED = 12  # sinks + window: a budget never drops to it
 
 
 class StandInEvictor:
-    def __init__(self, budget: int, utility: float, evicts: bool = True):
-        self.budget, self.utility = budget, utility
+    def __init__(self, budget: int, evicts: bool = True):
+        self.budget = budget
         self.settings = SimpleNamespace(protected_window=PROTECTED)
         self.policy = SimpleNamespace(evicts=evicts)
 
@@ -30,7 +31,6 @@ def running(lengths: list[int], evictors: dict[int, StandInEvictor]) -> tuple[Ev
     runtime = object.__new__(EvictionRuntime)
     runtime.tracked = {f"r{row}": SimpleNamespace(evictor=evictor) for row, evictor in evictors.items()}
     runtime.failed, runtime.pressure_relief_count, runtime._unreported = set(), 0, (0, 0)
-    runtime._slot_utility = lambda evictor: evictor.utility
     runtime._evict = lambda req, evictor, n: evictor.budget if n > evictor.budget + BUFFER else n
     lengths_tensor = torch.tensor(lengths)
     batch = SimpleNamespace(
@@ -47,26 +47,27 @@ def fits_within(batch, capacity: int):
 @pytest.mark.parametrize(
     "capacity, halved",
     [
-        (300, {1}),  # one halving frees enough: only the least useful request loses budget
-        (260, {1, 0}),  # then the next least useful
+        (300, {1}),  # one halving frees enough: only the request that frees the most loses budget
+        (200, {1, 0}),  # then the next largest
         (150, {1, 0, 2}),
     ],
 )
-def test_budgets_halve_least_useful_first_until_the_step_fits(capacity, halved):
-    evictors = {0: StandInEvictor(64, utility=0.5), 1: StandInEvictor(64, utility=0.1), 2: StandInEvictor(64, 0.9)}
-    runtime, batch = running([100, 100, 100, 50], evictors)  # row 3 does not evict
+def test_budgets_halve_largest_first_until_the_step_fits(capacity, halved):
+    lengths = [90, 120, 60, 50]  # row 3 does not evict
+    evictors = {row: StandInEvictor(64) for row in range(3)}
+    runtime, batch = running(lengths, evictors)
 
     assert runtime.relieve_pressure(batch, fits_within(batch, capacity))
 
     assert {row for row, evictor in evictors.items() if evictor.budget == 32} == halved
     assert all(evictors[row].budget == 64 for row in evictors.keys() - halved)
-    expected = [32 if row in halved else 100 for row in range(3)] + [50]
+    expected = [32 if row in halved else lengths[row] for row in range(3)] + [50]
     assert batch.seq_lens_cpu.tolist() == expected and batch.seq_lens.tolist() == expected
     assert runtime.pressure_relief_count == 1
 
 
 def test_when_halving_everything_is_not_enough_sglang_retracts():
-    evictors = {0: StandInEvictor(64, 0.5), 1: StandInEvictor(20, 0.1)}
+    evictors = {0: StandInEvictor(64), 1: StandInEvictor(20)}
     runtime, batch = running([100, 100, 400], evictors)
 
     assert not runtime.relieve_pressure(batch, fits_within(batch, 100))
@@ -76,7 +77,7 @@ def test_when_halving_everything_is_not_enough_sglang_retracts():
 
 
 def test_nothing_to_halve_changes_nothing():
-    evictors = {0: StandInEvictor(PROTECTED + 1, 0.5), 1: StandInEvictor(64, 0.0, evicts=False)}  # at its floor; `none`
+    evictors = {0: StandInEvictor(PROTECTED + 1), 1: StandInEvictor(64, evicts=False)}  # at its floor; `none`
     runtime, batch = running([100, 100], evictors)
     calls = []
 

@@ -127,7 +127,7 @@ def test_memory_pressure_halves_one_budget_instead_of_retracting(tiny_model_dir,
     """Once running, a request that may stop early is counted as if it would write little more (here almost
     nothing: `--schedule-conservativeness 0.01`), and SGLang retracts a request when the pool runs out. One such
     request that does not stop, beside two evicting requests, outgrows a pool that one halved budget relieves: the
-    scheduler halves the less useful evicting request's budget, evicts at once, and nobody is retracted."""
+    scheduler halves one evicting request's budget, evicts at once, and nobody is retracted."""
     log = server_log_dir / "pressure.log"
     budget, new_tokens = 128, 300  # buffer 16, the default
     unbounded_length = len(PROMPT_IDS) + new_tokens
