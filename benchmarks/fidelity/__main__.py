@@ -41,10 +41,10 @@ from benchmarks.fidelity.workload import (
     eos_ids,
     full_cache_reference,
     greedy_traces,
+    load_default_model,
     solution_sequences,
 )
 from crystal_sglang.config import Settings, parse_budget
-from crystal_sglang.models import prepare_default_model
 from crystal_sglang.policies import POLICY_NAMES, make_spec
 from crystal_sglang.prompts import INSTRUCTION, load_problems
 
@@ -285,12 +285,8 @@ def main() -> None:
             sys.exit(f"--merge: {error}")
         return
     torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     started = time.monotonic()
-    model_path = prepare_default_model()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    model_path, tokenizer, model = load_default_model()
     settings = {**({} if args.protect_prompt else {"protect_prompt": False}), **args.config}
     end_of_think_ids = tuple(tokenizer.encode("</think>", add_special_tokens=False))
     problems = load_problems(args.problems, args.prompts)

@@ -24,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.fidelity.replay import budget_entries, replay_rows
-from benchmarks.fidelity.workload import Reference, Sequence, full_cache_reference, solution_sequences
+from benchmarks.fidelity.workload import (Reference, Sequence, full_cache_reference, load_default_model,
+                                          solution_sequences)
 from crystal_sglang.config import Budget
 from crystal_sglang.eviction import SHARED_SLOTS, RequestEvictor
 from crystal_sglang.policies import make_spec
@@ -148,13 +149,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/fidelity/halving"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from crystal_sglang.models import prepare_default_model
-
-    model_path = prepare_default_model()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    _, tokenizer, model = load_default_model()
     records = [json.loads(line) for line in args.problems.read_text().splitlines() if line.strip()]
     sequences = solution_sequences(tokenizer, [r for r in records if r.get("solution")], args.prompts,
                                    args.solution_tokens)  # fmt: skip

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.fidelity.workload import load_default_model
 from crystal_sglang.config import parse_budget
-from crystal_sglang.models import prepare_default_model
 from crystal_sglang.policies import make_spec
 from crystal_sglang.prompts import DEFAULT_PROBLEMS, chat_messages
 from crystal_sglang.reference.cache import EvictingCache, RowRequest, evicting_attention
@@ -129,11 +129,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/fidelity"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model_path = prepare_default_model()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    model_path, tokenizer, model = load_default_model()
     prompt = long_prompt(tokenizer, args.context)
     evicting_budget = str(args.context - args.evict_below)
     within_budget = str(args.context + args.warmup + args.steps)  # never exceeded in the measured steps

