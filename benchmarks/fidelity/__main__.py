@@ -42,6 +42,7 @@ from benchmarks.fidelity.workload import (
     full_cache_reference,
     greedy_traces,
     load_default_model,
+    solution_records,
     solution_sequences,
 )
 from crystal_sglang.config import Settings, parse_budget
@@ -346,8 +347,7 @@ def main() -> None:
         section["wall_seconds"]["traces"] = trace_seconds
         finished("greedy_traces", section)
     if args.problems is not None:
-        records = [json.loads(line) for line in args.problems.read_text().splitlines() if line.strip()]
-        records = [r for r in records if r.get("solution")]
+        records = solution_records(args.problems)
         if args.solutions_only and not records:
             sys.exit(f"--solutions-only: no record in {args.problems} has a `solution` to replay")
         if records:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.fidelity.replay import budget_entries, replay_rows
 from benchmarks.fidelity.workload import (Reference, Sequence, full_cache_reference, load_default_model,
-                                          solution_sequences)
+                                          solution_records, solution_sequences)
 from crystal_sglang.config import Budget
 from crystal_sglang.eviction import SHARED_SLOTS, RequestEvictor
 from crystal_sglang.policies import make_spec
@@ -150,9 +150,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     _, tokenizer, model = load_default_model()
-    records = [json.loads(line) for line in args.problems.read_text().splitlines() if line.strip()]
-    sequences = solution_sequences(tokenizer, [r for r in records if r.get("solution")], args.prompts,
-                                   args.solution_tokens)  # fmt: skip
+    sequences = solution_sequences(tokenizer, solution_records(args.problems), args.prompts, args.solution_tokens)
     if not sequences:
         sys.exit(f"{args.problems}: no conversation could be built")
     shares = [float(share) for share in args.at.split(",")]

@@ -187,13 +187,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from benchmarks.fidelity.workload import full_cache_reference, greedy_traces, load_default_model, solution_sequences
+    from benchmarks.fidelity.workload import (full_cache_reference, greedy_traces, load_default_model,
+                                              solution_records, solution_sequences)
     from crystal_sglang.prompts import load_problems
 
     _, tokenizer, model = load_default_model()
     if args.problems:
-        records = [json.loads(line) for line in args.problems.read_text().splitlines() if line.strip()]
-        sequences = solution_sequences(tokenizer, [r for r in records if r.get("solution")], args.prompts or 8, 512)
+        sequences = solution_sequences(tokenizer, solution_records(args.problems), args.prompts or 8, 512)
     else:
         sequences = greedy_traces(model, tokenizer, load_problems(None, args.prompts or 20), 512)
     budget_labels = args.budgets.split(",")

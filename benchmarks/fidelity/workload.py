@@ -6,7 +6,9 @@ continuation token (reasoning, answer, or unscored). Needs transformers (our env
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -80,6 +82,12 @@ def greedy_traces(model, tokenizer, problems: list[str], new_tokens: int, batch_
             labels = label_parts(spans, text, [(0, len(text))])
             sequences.append(Sequence(f"trace-{first + offset}", prompt, trace, labels, natural_end=end is not None))
     return sequences
+
+
+def solution_records(path: Path) -> list[dict]:
+    """The records of a MATH-500-style JSONL file that carry a `solution` (the ones a conversation can replay)."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for record in records if record.get("solution")]
 
 
 def solution_sequences(tokenizer, records: list[dict], count: int, min_tokens: int) -> list[Sequence]:
