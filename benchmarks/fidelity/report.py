@@ -28,7 +28,7 @@ METRICS = {
 ORACLE = "oracle-topk"
 HINDSIGHT = "hindsight"
 CEILING_STYLES = {ORACLE: "-.", HINDSIGHT: ":"}
-PLOTTED = ("top1_agreement", "mean_kl", "greedy_match", "attention_recall", "repeated_4grams")
+PLOTTED = ("top1_agreement", "answer_top1_agreement", "mean_kl", "greedy_match", "attention_recall", "repeated_4grams")
 
 
 def has_values(results: dict, metric: str) -> bool:
