@@ -301,10 +301,11 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "solution_tokens": args.solution_tokens,
         "budgets": args.budgets,
-        # The reallocation direction is recorded even at its default: runs made before the default changed (the
-        # published direction) lack it, so `--merge` will not put their `crystal` rows into a newer report.
+        # The reallocation direction and floor are recorded even at their defaults: runs made before a default
+        # changed lack the key, so `--merge` will not put their `crystal` rows into a newer report.
         "eviction_settings": {"protect_prompt": args.protect_prompt, "sinks": 4, "window": 8, "buffer": 16,
-                              "realloc_signal": Settings.realloc_signal, **args.config},
+                              "realloc_signal": Settings.realloc_signal, "realloc_floor": Settings.realloc_floor,
+                              **args.config},
         "settings_note": ("every entry counts toward the budget, prompt included, as in kvpress (`protect_prompt` off; "
                           "sinks 4, window 8, buffer 16)" if not args.protect_prompt else
                           "policies keep their default of never evicting the prompt")
