@@ -86,7 +86,7 @@ class Settings:
     end_of_think: str | None = "</think>"  # from this marker on, entries are the answer and are never evicted
     seed: int = 0  # for policies that draw at random
     realloc_period: int = 128  # tokens between two per-layer/head budget reallocations (policies that reallocate)
-    realloc_floor: float = 0.25  # share of the budget a head keeps at least after a reallocation (0.5 measured worse)
+    realloc_floor: float = 0.0  # share of the budget a head keeps at least after a reallocation (0.5, 0.25 measured worse)
     realloc_signal: str = SLOTS_PER_CRF  # which heads a reallocation favours: measured, not published (budgets.py)
 
     @property
