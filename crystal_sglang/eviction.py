@@ -170,7 +170,7 @@ class RequestEvictor:
         due = self.due()
         if not due and not self.policy.changes_precision:
             return None
-        selection = self._selection_input(context)
+        selection = self.selection_input(context)
         quantize = self.policy.transforms(self.state, selection)
         if not due:
             return Decision(quantize=quantize) if quantize else None
@@ -184,7 +184,8 @@ class RequestEvictor:
         self._apply(decision)
         return decision
 
-    def _selection_input(self, context: SelectionContext | None) -> SelectionInput:
+    def selection_input(self, context: SelectionContext | None = None) -> SelectionInput:
+        """What the policy would select from now: budgets, protection, validity and positions of the held entries."""
         protected = self.protected()
         return SelectionInput(
             budgets=self.effective_budgets(protected),

@@ -39,7 +39,7 @@ COSTS = ("top1_loss", "kl_gain")
 def signals(evictor: RequestEvictor, halved_budget: int) -> dict:
     """What the scheduler could read of a row just before halving it: its CRF per held slot (Crystal-KV's stored
     CRF), entries held per head, and the summed LRFU worth of the entries the halving will drop (mean over heads)."""
-    selection = evictor._selection_input(None)
+    selection = evictor.selection_input()
     held = evictor.valid.sum(-1)
     keep = torch.maximum(torch.full_like(held, halved_budget), selection.protected.sum(-1))
     drop = (held - keep).clamp_min(0)
