@@ -70,18 +70,20 @@ def reallocate_heads(
     floor: int,
     cap: torch.Tensor,
     signal: str = CRF_PER_SLOT,
+    power: float = 1.0,
 ) -> torch.Tensor:
     """Algorithm 2: new per-(layer, head) budgets [L, H] from each head's summed CRF and current budget.
 
     eta_i = sum_j CRF_ij / sum_j B_ij decides the layers' shares, eta_ij = CRF_ij / B_ij the heads' shares within
-    a layer (`SLOTS_PER_CRF` uses 1 / eta at both levels); every head keeps at least `floor` and at most `cap`
-    (what it holds)."""
+    a layer (`SLOTS_PER_CRF` uses 1 / eta at both levels), shares following eta ** `power`; every head keeps at least
+    `floor` and at most `cap` (what it holds)."""
     layers, heads = budgets.shape
     current = budgets.to(torch.float64).clamp_min(1)
     utilisation = utilisation.to(torch.float64).clamp_min(0)
 
     def eta(crf: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        return crf / slots if signal == CRF_PER_SLOT else slots / crf.clamp_min(1e-6)
+        ratio = crf / slots if signal == CRF_PER_SLOT else slots / crf.clamp_min(1e-6)
+        return ratio**power
 
     layer_eta = eta(utilisation.sum(1), current.sum(1))
     layer_cap = cap.sum(1)

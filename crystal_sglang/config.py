@@ -38,6 +38,7 @@ class Budget:
 
 
 MAX_ENTRIES = 1 << 24
+MAX_REALLOC_POWER = 8.0  # beyond this the shares are a winner-takes-all anyway
 
 
 def parse_budget(value: Any) -> Budget:
@@ -88,6 +89,7 @@ class Settings:
     realloc_period: int = 128  # tokens between two per-layer/head budget reallocations (policies that reallocate)
     realloc_floor: float = 0.0  # share of the budget a head keeps at least after a reallocation (0.5, 0.25 measured worse)
     realloc_signal: str = SLOTS_PER_CRF  # which heads a reallocation favours: measured, not published (budgets.py)
+    realloc_power: float = 1.0  # the signal raised to this power: above 1 moves more budget to the heads it favours
 
     @property
     def protected_window(self) -> int:
@@ -180,6 +182,11 @@ def build_spec(policy: str, budget: Budget, config: dict, policy_params_type: An
         raise ConfigError(f"realloc_period={settings.realloc_period} must lie in [1, {MAX_ENTRIES}] tokens")
     if not 0 <= settings.realloc_floor <= 1:
         raise ConfigError(f"realloc_floor={settings.realloc_floor} must lie in [0, 1] (a share of the budget)")
+    if not 0 <= settings.realloc_power <= MAX_REALLOC_POWER:
+        raise ConfigError(
+            f"realloc_power={settings.realloc_power} must lie in [0, {MAX_REALLOC_POWER}] "
+            "(0: equal shares above the floors)"
+        )
     if settings.realloc_signal not in REALLOC_SIGNALS:
         raise ConfigError(
             f"realloc_signal={settings.realloc_signal!r} is not one of {', '.join(map(repr, REALLOC_SIGNALS))}: "

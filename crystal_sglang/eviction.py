@@ -205,7 +205,8 @@ class RequestEvictor:
         floor = max(protected_count, int(self.settings.realloc_floor * self.budget))
         total = max(self.budget * heads, floor * heads)
         self.head_budgets = reallocate_heads(
-            utilisation, self.head_budgets, total, floor, self.valid.sum(-1), self.settings.realloc_signal
+            utilisation, self.head_budgets, total, floor, self.valid.sum(-1), self.settings.realloc_signal,
+            self.settings.realloc_power,
         )
         self._last_realloc = self.length
         self.stats.reallocations += 1

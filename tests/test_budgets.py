@@ -111,6 +111,17 @@ def test_slots_per_crf_turns_the_shares_around():
     assert result.tolist() == [[2, 6], [16, 16]]
 
 
+def test_power_sharpens_or_flattens_the_shares():
+    # The example above with eta squared: layers 0.25 : 4 (2 and 38 of 40), layer 0's heads 1/9 : 1 (0 and 2);
+    # power 0 ignores the signal.
+    utilisation, budgets = torch.tensor([[30.0, 10.0], [5.0, 5.0]]), torch.full((2, 2), 10)
+    cap = torch.full((2, 2), 100)
+    squared = reallocate_heads(utilisation, budgets, total=40, floor=0, cap=cap, signal=SLOTS_PER_CRF, power=2.0)
+    assert squared.tolist() == [[0, 2], [19, 19]]
+    flat = reallocate_heads(utilisation, budgets, total=40, floor=0, cap=cap, signal=SLOTS_PER_CRF, power=0.0)
+    assert flat.tolist() == [[10, 10], [10, 10]]
+
+
 def test_reallocation_divides_by_the_current_budget():
     # Equal CRF but head 1 holds it in half the slots: its CRF per slot is twice as high.
     result = reallocate_heads(torch.tensor([[10.0, 10.0]]), torch.tensor([[20, 10]]), total=30, floor=0,
@@ -143,24 +154,25 @@ def reallocation_inputs(draw):
     caps = draw(st.lists(st.integers(0, 400), min_size=cells, max_size=cells))
     floor = draw(st.integers(0, 40))
     total = draw(st.integers(0, 400 * cells))
+    power = draw(st.sampled_from([0.0, 0.5, 1.0, 2.0, 8.0]))
     shape = (layers, heads)
     return (torch.tensor(utilisation).view(shape), torch.tensor(budgets).view(shape), total, floor,
-            torch.tensor(caps).view(shape))  # fmt: skip
+            torch.tensor(caps).view(shape), power)  # fmt: skip
 
 
 @pytest.mark.parametrize("signal", REALLOC_SIGNALS)
 @settings(max_examples=200, deadline=None)
 @given(inputs=reallocation_inputs())
 def test_reallocation_properties(signal, inputs):
-    utilisation, budgets, total, floor, cap = inputs
+    utilisation, budgets, total, floor, cap, power = inputs
     floors = torch.minimum(torch.full_like(cap, floor), cap)
     assume(int(floors.sum()) <= min(total, int(cap.sum())))
-    result = reallocate_heads(utilisation, budgets, total, floor, cap, signal)
+    result = reallocate_heads(utilisation, budgets, total, floor, cap, signal, power)
     assert result.shape == budgets.shape and result.dtype == torch.int64
     assert int(result.sum()) == min(total, int(cap.sum()))
     assert bool((result >= floors).all()), "a head fell below the floor"
     assert bool((result <= cap).all()), "a head got more than it holds"
-    assert torch.equal(result, reallocate_heads(utilisation, budgets, total, floor, cap, signal))
+    assert torch.equal(result, reallocate_heads(utilisation, budgets, total, floor, cap, signal, power))
 
 
 @pytest.mark.parametrize("signal", REALLOC_SIGNALS)
@@ -168,11 +180,12 @@ def test_reallocation_properties(signal, inputs):
 @given(inputs=reallocation_inputs())
 def test_uncapped_reallocation_follows_its_signal(signal, inputs):
     """Within a layer and without caps or floors, a head with a higher CRF per slot never gets less (never gets
-    more with `SLOTS_PER_CRF`; CRF at least 1e-6, as the implementation reads it)."""
-    utilisation, budgets, total, _, _ = inputs
+    more with `SLOTS_PER_CRF`; CRF at least 1e-6, as the implementation reads it), for any positive power."""
+    utilisation, budgets, total, _, _, power = inputs
+    assume(power > 0)
     utilisation = utilisation.to(torch.float64).clamp_min(1e-6)
     cap = torch.full_like(budgets, 1 << 40)
-    result = reallocate_heads(utilisation, budgets, total, 0, cap, signal)
+    result = reallocate_heads(utilisation, budgets, total, 0, cap, signal, power)
     assert int(result.sum()) == total
     eta = utilisation / budgets.to(torch.float64)
     if signal == SLOTS_PER_CRF:

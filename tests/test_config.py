@@ -197,6 +197,8 @@ def test_wrong_types_name_the_expected_type(policy, config):
         ("crystal", {"realloc_period": 0}, rf"realloc_period=0 must lie in \[1, {MAX_ENTRIES}\] tokens"),
         ("crystal", {"realloc_floor": 1.5}, r"realloc_floor=1.5 must lie in \[0, 1\] \(a share of the budget\)"),
         ("crystal", {"realloc_signal": "x"}, "realloc_signal='x' is not one of 'crf-per-slot', 'slots-per-crf'"),
+        ("crystal", {"realloc_power": -1}, r"realloc_power=-1.0 must lie in \[0, 8.0\] \(0: equal shares above"),
+        ("crystal", {"realloc_power": 9}, r"realloc_power=9.0 must lie in \[0, 8.0\]"),
         ("random", {"seed": -1}, r"seed=-1 must lie in \[0, 2\*\*63\)"),
         ("thinkv", {"segment": 6, "floor": 4}, "segment=6 must be at least twice floor=4"),
         ("thinkv", {"floor": 0}, r"floor=0 \(floor >= 1\)"),

@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crystal_sglang.budgets import REALLOC_SIGNALS
+from crystal_sglang.budgets import REALLOC_SIGNALS, SLOTS_PER_CRF
 from crystal_sglang.config import ConfigError
 from crystal_sglang.eviction import PER_HEAD, SHARED_SLOTS, RequestEvictor
 from crystal_sglang.policies import POLICIES, POLICY_NAMES, create_policy, policy_class
@@ -357,11 +357,11 @@ def test_the_batch_nucleus_is_each_requests_own(seed, lengths, top_p, scored_fro
     assert batch.request(scored_from - 1, 1).attention is None  # a row before the scored ones
 
 
-def reallocation_history(signal: str) -> tuple[RequestEvictor, torch.Tensor]:
+def reallocation_history(signal: str, power: float = 1.0) -> tuple[RequestEvictor, torch.Tensor]:
     """A `crystal` evictor with per-head budgets driven by random scores, and its budgets [decisions, L, H] after
     every eviction."""
     spec = make_test_spec("crystal", 12, sinks=1, window=2, buffer=2, protect_prompt=False, realloc_signal=signal)
-    evictor = make_evictor(spec, 4, 64, layout=PER_HEAD, realloc_period=8, realloc_floor=0.25)
+    evictor = make_evictor(spec, 4, 64, layout=PER_HEAD, realloc_period=8, realloc_floor=0.25, realloc_power=power)
     history = []
 
     def record(holder, before, decision):
@@ -383,6 +383,12 @@ def test_crystal_reallocates_per_head_budgets(signal):
 
 def test_realloc_signal_decides_which_heads_gain():
     assert not torch.equal(*(reallocation_history(signal)[1] for signal in REALLOC_SIGNALS))
+
+
+def test_realloc_power_reaches_the_evictor():
+    evictor, flat = reallocation_history(SLOTS_PER_CRF, power=0.0)
+    assert evictor.stats.reallocations > 0 and bool((flat == 12).all()), "power 0: every head keeps an equal share"
+    assert not torch.equal(reallocation_history(SLOTS_PER_CRF, power=2.0)[1], reallocation_history(SLOTS_PER_CRF)[1])
 
 
 # ---- R-KV and SnapKV -------------------------------------------------------------------------------------------------
