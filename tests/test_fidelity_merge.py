@@ -90,6 +90,12 @@ def test_runs_may_differ_in_reallocation_settings_when_the_reallocating_rows_com
         merge_runs([older_budget, new], "m")  # crystal at 128 from one setting, at 64 from another
 
 
+def test_a_crystal_run_with_another_realloc_power_joins_the_peers_runs():
+    peers = run({"64": {"snapkv": [True] * 4}}, "peers", eviction_settings={"sinks": 4, "realloc_power": 1.0})
+    sharper = run({"64": {"crystal": [True] * 4}}, "sharper", eviction_settings={"sinks": 4, "realloc_power": 2.0})
+    assert merge_runs([peers, sharper], "m")["eviction_settings"] == {"sinks": 4, "realloc_power": 2.0}
+
+
 def test_a_directory_with_more_than_one_run_asks_for_the_file(tmp_path):
     for name in ("fidelity.json", "fidelity-quick.json"):
         (tmp_path / name).write_text(json.dumps(run({"64": {"crystal": [True]}}, name)))

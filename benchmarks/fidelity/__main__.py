@@ -305,7 +305,7 @@ def main() -> None:
         # changed lack the key, so `--merge` will not put their `crystal` rows into a newer report.
         "eviction_settings": {"protect_prompt": args.protect_prompt, "sinks": 4, "window": 8, "buffer": 16,
                               "realloc_signal": Settings.realloc_signal, "realloc_floor": Settings.realloc_floor,
-                              **args.config},
+                              "realloc_power": Settings.realloc_power, **args.config},
         "settings_note": ("every entry counts toward the budget, prompt included, as in kvpress (`protect_prompt` off; "
                           "sinks 4, window 8, buffer 16)" if not args.protect_prompt else
                           "policies keep their default of never evicting the prompt")

@@ -16,7 +16,7 @@ from crystal_sglang.policies import POLICY_NAMES, policy_class
 SHARED = ("model", "mode", "prompts", "instruction", "new_tokens")
 # Settings only reallocating policies (`crystal`) read. Runs may differ in them as long as every reallocating row of the
 # merged report comes from runs that agree on them (runs made before the default direction changed lack the key).
-REALLOCATION_SETTINGS = ("realloc_signal", "realloc_period", "realloc_floor")
+REALLOCATION_SETTINGS = ("realloc_signal", "realloc_period", "realloc_floor", "realloc_power")
 ORDER = ("none", *(p for p in POLICY_NAMES if p != "none"), ORACLE, HINDSIGHT, *PRESSES)  # as a fresh run lists them
 
 
