@@ -8,9 +8,10 @@ import shlex
 import pytest
 
 from benchmarks.fidelity import report
-from benchmarks.fidelity.__main__ import invocation, write_outputs
-from benchmarks.fidelity.merge import MergeError, load_run, merge_runs
+from benchmarks.fidelity.__main__ import invocation, recorded_settings, write_outputs
+from benchmarks.fidelity.merge import REALLOCATION_SETTINGS, MergeError, load_run, merge_runs
 from benchmarks.fidelity.scoring import REASONING, TokenScores, summarize
+from crystal_sglang.config import Settings
 
 SEQUENCES = [{"name": "a", "prompt_tokens": 10, "continuation_tokens": 4, "natural_end": False,
               "reasoning_tokens": 4, "answer_tokens": 0}]  # fmt: skip
@@ -111,3 +112,10 @@ def test_the_recorded_command_can_be_run_again(monkeypatch):
     arguments = ["--policies", "crystal", "--config", '{"realloc_signal": "slots-per-crf"}', "--out", "results/x"]
     monkeypatch.setattr("sys.argv", ["__main__.py", *arguments])
     assert shlex.split(invocation()) == ["python", "-m", "benchmarks.fidelity", *arguments]
+
+
+def test_a_run_records_every_reallocation_setting_at_its_default_unless_configured():
+    recorded = recorded_settings(False, {"realloc_power": 1.0})
+    assert set(REALLOCATION_SETTINGS) <= set(recorded)
+    assert recorded["realloc_power"] == 1.0 and recorded["realloc_period"] == Settings.realloc_period
+    assert recorded["protect_prompt"] is False

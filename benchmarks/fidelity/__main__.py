@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.fidelity import report
 from benchmarks.fidelity.kvpress_runner import COMPRESSION_INTERVAL, PRESSES, SNAPKV_WINDOW, run_kvpress
-from benchmarks.fidelity.merge import MergeError, load_run, merge_runs
+from benchmarks.fidelity.merge import REALLOCATION_SETTINGS, MergeError, load_run, merge_runs
 from benchmarks.fidelity.hindsight import hindsight_scores
 from benchmarks.fidelity.oracle import oracle_scores
 from benchmarks.fidelity.replay import FULL, Config, budget_entries, replay_policies
@@ -272,6 +272,14 @@ def write_outputs(data: dict, out: Path) -> None:
     print(f"\nwrote {out / f'fidelity{suffix}.json'}, {out / f'summary{suffix}.md'} and the plots")
 
 
+def recorded_settings(protect_prompt: bool, config: dict) -> dict:
+    """The eviction settings a run records. The reallocation settings are recorded even at their defaults: runs made
+    before a default changed lack a key or differ in it, so `--merge` will not put their `crystal` rows into a newer
+    report."""
+    defaults = {key: getattr(Settings, key) for key in REALLOCATION_SETTINGS}
+    return {"protect_prompt": protect_prompt, "sinks": 4, "window": 8, "buffer": 16, **defaults, **config}
+
+
 def invocation() -> str:
     """This run's command line as a shell would take it back (a `--config` JSON stays one quoted word)."""
     return shlex.join(["python", "-m", "benchmarks.fidelity", *sys.argv[1:]])
@@ -301,11 +309,7 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "solution_tokens": args.solution_tokens,
         "budgets": args.budgets,
-        # The reallocation direction and floor are recorded even at their defaults: runs made before a default
-        # changed lack the key, so `--merge` will not put their `crystal` rows into a newer report.
-        "eviction_settings": {"protect_prompt": args.protect_prompt, "sinks": 4, "window": 8, "buffer": 16,
-                              "realloc_signal": Settings.realloc_signal, "realloc_floor": Settings.realloc_floor,
-                              "realloc_power": Settings.realloc_power, **args.config},
+        "eviction_settings": recorded_settings(args.protect_prompt, args.config),
         "settings_note": ("every entry counts toward the budget, prompt included, as in kvpress (`protect_prompt` off; "
                           "sinks 4, window 8, buffer 16)" if not args.protect_prompt else
                           "policies keep their default of never evicting the prompt")
