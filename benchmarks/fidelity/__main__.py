@@ -276,8 +276,8 @@ def recorded_settings(protect_prompt: bool, config: dict) -> dict:
     """The eviction settings a run records. The reallocation settings are recorded even at their defaults: runs made
     before a default changed lack a key or differ in it, so `--merge` will not put their `crystal` rows into a newer
     report."""
-    defaults = {key: getattr(Settings, key) for key in REALLOCATION_SETTINGS}
-    return {"protect_prompt": protect_prompt, "sinks": 4, "window": 8, "buffer": 16, **defaults, **config}
+    defaults = {key: getattr(Settings, key) for key in ("sinks", "window", "buffer", *REALLOCATION_SETTINGS)}
+    return {"protect_prompt": protect_prompt, **defaults, **config}
 
 
 def invocation() -> str:
