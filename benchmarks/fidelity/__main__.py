@@ -311,7 +311,8 @@ def main() -> None:
         "budgets": args.budgets,
         "eviction_settings": recorded_settings(args.protect_prompt, args.config),
         "settings_note": ("every entry counts toward the budget, prompt included, as in kvpress (`protect_prompt` off; "
-                          "sinks 4, window 8, buffer 16)" if not args.protect_prompt else
+                          f"sinks {Settings.sinks}, window {Settings.window}, buffer {Settings.buffer})"
+                          if not args.protect_prompt else
                           "policies keep their default of never evicting the prompt")
                          + (f"; every policy with `--config {json.dumps(args.config)}`" if args.config else ""),
         "answer_rule": ANSWER_RULE,
