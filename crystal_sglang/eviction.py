@@ -116,6 +116,11 @@ class RequestEvictor:
                 self.think_end = start + offset + 1 - len(marker)
                 return
 
+    @property
+    def may_evict(self) -> bool:
+        """Whether the request can outgrow its budget: if not, nothing is ever evicted and it is the full cache."""
+        return self.full_length > self._due_beyond
+
     def observing(self, entries: int) -> bool:
         """Whether a decode step whose row holds `entries` needs observing (scores, queries): the integrations score
         only the rows that do. Never for a request that cannot outgrow its budget; for a policy whose decisions
@@ -125,7 +130,7 @@ class RequestEvictor:
             return False
         if policy.acts_within_budget:
             return True
-        if self.full_length <= self._due_beyond:
+        if not self.may_evict:
             return False
         history = policy.history
         return history is None or entries + history > self._due_beyond + 1

@@ -76,6 +76,14 @@ def score_dense(
     path keeps its cache that way, so it skips the slot gather)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    logits = attention_logits(queries, keys, scale)
+    present = entries_present(seq_lens.to(keys.device), valid, keys.shape[2])
+    probs = masked_softmax(logits, present)
+    return scores_from_probs(probs, present, mode, sparsity_threshold, logits)
+
+
+def attention_logits(queries: torch.Tensor, keys: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Scaled logits [B, Hkv, W, group, n_max] float32 of queries [B, W, Hq, d] over keys [B, Hkv, n_max, d]."""
     batch, window, q_heads, dim = queries.shape
     kv_heads, n_max = keys.shape[1], keys.shape[2]
     group = q_heads // kv_heads
@@ -84,32 +92,50 @@ def score_dense(
     # [B, Hkv, W * group, d] @ [B, Hkv, d, n]: one batched product per KV head over its group's queries.
     q = queries.to(torch.float32).view(batch, window, kv_heads, group, dim).permute(0, 2, 1, 3, 4)
     q = q.reshape(batch, kv_heads, window * group, dim)
-    logits = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale).view(batch, kv_heads, window, group, n_max)
-    # Every entry present (one request scored alone on CPU; the reference path's rows before their first eviction
-    # or under shared slots): no mask to build or apply.
-    complete = bool((seq_lens == n_max).all()) and (valid is None or bool(valid[..., :n_max].all()))
-    present = None
-    if not complete:
-        present = torch.arange(n_max, device=keys.device).view(1, 1, n_max) < seq_lens.view(batch, 1, 1).to(keys.device)
-        if valid is not None:
-            present = present & valid[..., :n_max].to(torch.bool)
-        logits = logits.masked_fill_(~present[:, :, None, None, :], float("-inf"))
+    return torch.matmul(q, keys.transpose(-1, -2)).mul_(scale).view(batch, kv_heads, window, group, n_max)
 
-    probs = torch.softmax(logits, dim=-1)
+
+def entries_present(seq_lens: torch.Tensor, valid: torch.Tensor | None, n_max: int) -> torch.Tensor | None:
+    """[B, Hkv or 1, n_max] bool: the entries each request (and head) holds; None when every entry is present (one
+    request scored alone on CPU; the reference path's rows before their first eviction or under shared slots), so
+    that no mask is built or applied."""
+    if bool((seq_lens == n_max).all()) and (valid is None or bool(valid[..., :n_max].all())):
+        return None
+    present = torch.arange(n_max, device=seq_lens.device).view(1, 1, n_max) < seq_lens.view(-1, 1, 1)
+    return present if valid is None else present & valid[..., :n_max].to(torch.bool)
+
+
+def masked_softmax(logits: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over entries of `attention_logits`' output, absent entries masked first (in place)."""
+    if present is not None:
+        logits.masked_fill_(~present[:, :, None, None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def scores_from_probs(
+    probs: torch.Tensor,
+    present: torch.Tensor | None,
+    mode: str = "mean",
+    sparsity_threshold: float | None = None,
+    logits: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scores [B, Hkv, n_max] and sparsity [B, W, Hq] from `masked_softmax`' probabilities [B, Hkv, W, group, n_max]
+    (mode "max_logit" also reads the masked logits)."""
+    batch, kv_heads, window, group, n_max = probs.shape
     if mode == "mean":
         scores = probs.mean(dim=(2, 3))
     else:
         scores = torch.softmax(logits.amax(dim=3), dim=-1).mean(dim=2)
-    if not complete:
+    if present is not None:
         scores = torch.nan_to_num(scores, nan=0.0)  # rows with no entry
 
     sparsity = None
     if sparsity_threshold is not None:
         low = probs < sparsity_threshold * probs.amax(dim=-1, keepdim=True)
-        if complete:
+        if present is None:
             counted, entries = low.sum(-1).to(torch.float32), float(max(n_max, 1))
         else:
             counted = (low & present[:, :, None, None, :]).sum(-1).to(torch.float32)
             entries = present.sum(-1).clamp_min(1).to(torch.float32)[:, :, None, None]
-        sparsity = (counted / entries).permute(0, 2, 1, 3).reshape(batch, window, q_heads)
+        sparsity = (counted / entries).permute(0, 2, 1, 3).reshape(batch, window, kv_heads * group)
     return scores, sparsity

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, StoppingCriteria
 
-from crystal_sglang.kernels.score_reference import score_dense
+from crystal_sglang.kernels.score_reference import attention_logits
 from crystal_sglang.policies import POLICIES, POLICY_NAMES
 from crystal_sglang.reference import cache as reference_cache
 from crystal_sglang.reference.cache import EvictingCache, RowRequest, cache_shape, evicting_attention
@@ -101,7 +101,7 @@ def test_budget_covering_the_request_is_bit_identical(policy, model, prompt, pla
     spec = row_spec(policy, PROMPT + NEW_TOKENS, calm_calibration, **bits)
     cache = EvictingCache(CONFIG, [RowRequest(spec, PROMPT, PROMPT + NEW_TOKENS)])
     scored = []
-    monkeypatch.setattr(reference_cache, "score_dense", lambda *a, **k: scored.append(1) or score_dense(*a, **k))
+    monkeypatch.setattr(reference_cache, "attention_logits", lambda *a: scored.append(1) or attention_logits(*a))
     output = generate(model, prompt, NEW_TOKENS, cache)
     # A request that cannot outgrow its budget is not scored (ThinKV acts within budget: it is).
     assert bool(scored) == (policy == "thinkv")
@@ -157,8 +157,10 @@ class StopAfterFirstEviction(StoppingCriteria):
 
 @pytest.mark.parametrize("policy", EVICTING)
 def test_compaction_keeps_each_entry_at_its_logical_position(policy, model, prompt, calibration):
-    """Right after the first eviction, every kept slot holds exactly the key and value the full cache holds at the
-    entry's logical position (nothing is recomputed or re-rotated)."""
+    """Right after the first eviction, every kept slot holds the key and value the full cache holds at the entry's
+    logical position (nothing is recomputed or re-rotated): exactly in the first layer, whose keys and values depend
+    on the token alone; to rounding in the others, whose inputs went through attention that an observed row runs by
+    hand (the score kernel's softmax is its attention, as on SGLang's CPU path)."""
     bits = dict(bits_reasoning=16, bits_execution=16, bits_transition=16) if policy == "thinkv" else {}
     config = dict(SMALL)
     spec = row_spec(policy, config.pop("budget"), calibration, **config, **bits)
@@ -176,8 +178,12 @@ def test_compaction_keeps_each_entry_at_its_logical_position(policy, model, prom
         for head in range(SHAPE.kv_heads):
             slots = evictor.valid[layer_index, head].nonzero().flatten()
             positions = evictor.positions[layer_index, head, slots]
-            assert torch.equal(layer.keys[0, head, slots], full_layer.keys[0, head, positions])
-            assert torch.equal(layer.values[0, head, slots], full_layer.values[0, head, positions])
+            for kept, full_entries in ((layer.keys, full_layer.keys), (layer.values, full_layer.values)):
+                kept, full_entries = kept[0, head, slots], full_entries[0, head, positions]
+                if layer_index == 0:
+                    assert torch.equal(kept, full_entries)
+                else:
+                    torch.testing.assert_close(kept, full_entries, rtol=0, atol=1e-6)
 
 
 class ForceMarker(LogitsProcessor):

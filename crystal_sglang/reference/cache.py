@@ -4,9 +4,11 @@ Each batch row is one request with its own policy, budget and evictor, so severa
 text side by side in one forward. Keys and values of every layer live in one tensor `[L, B, H, capacity, d]` with
 a validity mask `[L, B, H, capacity]` (each layer's cache is a view of its slice): rows hold different numbers of
 entries, and under per-head budgets (Crystal-KV's Algorithm 2) heads of a row do too. The attention function
-registered here as `crystal_kv` reads that mask and keeps each layer's rotated query; after the last layer the
-torch reference kernel (the code SGLang runs on CPU) scores all layers in one pass, every row's evictor observes
-and decides, and the decisions are applied to the stored tensors of all layers at once.
+registered here as `crystal_kv` reads that mask and keeps each layer's rotated query. A row observed this step
+whose request can evict is attended by hand with the torch reference kernel's arithmetic (the code SGLang runs on
+CPU): product, softmax, product with the values, so its softmax is both its attention and its score and its keys
+are read once; after the last layer those softmaxes are aggregated for all layers in one pass, every row's evictor
+observes and decides, and the decisions are applied to the stored tensors of all layers at once.
 
 Positions stay logical: `get_seq_length()` reports tokens seen, not entries held, so transformers' `generate()`
 rotates every new token at its true position. Rows of different prompt lengths cannot go through `generate()`
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +42,13 @@ from crystal_sglang.policies.base import (
     StepBatch,
 )
 from crystal_sglang.quantization import fake_quantize_keys, fake_quantize_values
-from crystal_sglang.kernels.score_reference import score_dense
+from crystal_sglang.kernels.score_reference import (
+    attention_logits,
+    entries_present,
+    masked_softmax,
+    score_dense,
+    scores_from_probs,
+)
 
 ATTENTION_NAME = "crystal_kv"
 _active_cache: contextvars.ContextVar["EvictingCache | None"] = contextvars.ContextVar("crystal_kv_cache", default=None)
@@ -108,6 +117,19 @@ class _RowContext:
         return scores
 
 
+@dataclass
+class StepPlan:
+    """A decode step's plan, made before its first layer: `observing` per row; `rows` the span scored, holding
+    `entries` each (`used`: the most); `runs` of consecutive rows (slice, scored, attended by hand) covering the batch."""
+
+    observing: list[bool]
+    needs: ScoreNeeds
+    rows: slice
+    entries: torch.Tensor
+    used: int
+    runs: list[tuple[slice, bool, bool]]
+
+
 class EvictingCache(Cache):
     def __init__(self, config, rows: list[RowRequest], device: torch.device | str = "cpu"):
         self.shape = cache_shape(config)
@@ -128,6 +150,8 @@ class EvictingCache(Cache):
         self.values: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
         self._queries: list[torch.Tensor] = []  # this step's rotated query of each layer so far, [B, Hq, d]
+        self._plan: StepPlan | None = None  # which rows this decode step observes, decided before its first layer
+        self._probs: list[torch.Tensor] = []  # each layer's softmax over the scored span of rows so far
         self.decisions: list[list[Decision]] = [[] for _ in rows]
 
     # ---- transformers' Cache API -------------------------------------------------------------------------------
@@ -211,7 +235,11 @@ class EvictingCache(Cache):
 
     # ---- attention and the end of a step ------------------------------------------------------------------------
     def attend(self, module, query, key, value, scaling, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """`key`, `value`: this layer's slots in use, as `update` returned them (past them the unused capacity would
+        """A decode step's rows that are not attended by hand go through SDPA as the full cache does, bit-identical to
+        it; an observed row whose request can evict is attended by hand, its softmax being its scores as well, so its
+        keys are read once (its output differs from SDPA's by rounding, ~1e-7, as on SGLang's CPU path).
+
+        `key`, `value`: this layer's slots in use, as `update` returned them (past them the unused capacity would
         change the kernel's summation and break bit-identity with the full cache)."""
         layer_idx = module.layer_idx
         layer = self.layers[layer_idx]
@@ -228,39 +256,81 @@ class EvictingCache(Cache):
             if layer_idx == self.shape.layers - 1:
                 self._finish_prefill()
             return output.transpose(1, 2)
-        # The kernel's own GQA (as transformers runs the full cache): keys and values are not repeated per query head.
-        mask = layer.valid[:, :, None, :used].repeat_interleave(group, dim=1)
-        output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+        if layer_idx == 0:
+            self._plan = self._plan_step()
+        plan = self._plan
         self._queries.append(query[:, :, 0].detach().to(torch.float32))
+        output = torch.empty_like(query)
+        span_probs = []
+        for rows, scored, by_hand in plan.runs:
+            if not by_hand:  # as the full cache runs: a request that never evicts stays bit-identical to it
+                mask = layer.valid[rows, :, None, :used].repeat_interleave(group, dim=1)
+                # The kernel's own GQA (as transformers runs the full cache): keys and values are not repeated.
+                output[rows] = F.scaled_dot_product_attention(
+                    query[rows], key[rows], value[rows], attn_mask=mask, scale=scaling, enable_gqa=True
+                )
+            if not scored:
+                if plan.rows.start <= rows.start < plan.rows.stop:  # a gap in the scored span: zero attention
+                    span_probs.append(query.new_zeros((rows.stop - rows.start, kv_heads, 1, group, plan.used)))
+                continue
+            probs = self._softmax(layer_idx, rows, scaling)
+            span_probs.append(probs)
+            if by_hand:
+                attended = torch.matmul(probs.view(-1, kv_heads, group, plan.used), value[rows, :, : plan.used])
+                output[rows] = attended.view(-1, q_heads, 1, dim).to(query.dtype)
+        if span_probs:
+            self._probs.append(torch.cat(span_probs) if len(span_probs) > 1 else span_probs[0])
         if layer_idx == self.shape.layers - 1:
             self._finish_step()
         return output.transpose(1, 2)
 
-    def _step_scores(self, observing: list[bool]) -> StepBatch:
-        """This step's observations for every layer at once: the reference kernel over all layers' keys in one pass
-        (layers folded into the batch), [L, B, ...], for the span of rows from the first to the last observing row
-        whose policy reads attention or sparsity (a view of the store, no gather)."""
-        watching = [evictor.policy.needs for evictor, watch in zip(self.evictors, observing) if watch]
-        needs = functools.reduce(ScoreNeeds.union, watching, ScoreNeeds())
+    def _plan_step(self) -> StepPlan:
+        """Which rows this decode step observes; the span of rows from the first to the last one whose policy reads
+        attention or sparsity (aggregated as one view of the store, no gather); and the runs of rows attended alike."""
+        observing = [evictor.observing(n + 1) for evictor, n in zip(self.evictors, self.entries)]
+        needs = functools.reduce(
+            ScoreNeeds.union, [e.policy.needs for e, watch in zip(self.evictors, observing) if watch], ScoreNeeds()
+        )
+        scored = [watch and evictor.policy.needs.scores for evictor, watch in zip(self.evictors, observing)]
+        kinds = [(s, s and evictor.may_evict) for s, evictor in zip(scored, self.evictors)]
+        runs, start = [], 0
+        for kind, alike in itertools.groupby(kinds):
+            stop = start + len(list(alike))
+            runs.append((slice(start, stop), *kind))
+            start = stop
+        first = scored.index(True) if any(scored) else 0
+        last = len(scored) - scored[::-1].index(True) if any(scored) else 0
+        rows = slice(first, last)
+        entries = torch.tensor([n + 1 for n in self.entries[rows]])  # this step's entry is appended already
+        return StepPlan(observing, needs, rows, entries, int(entries.max()) if scored[first:last] else 0, runs)
+
+    def _softmax(self, layer_idx: int, rows: slice, scaling: float) -> torch.Tensor:
+        """The score kernel's softmax [b, Hkv, 1, group, used] of these rows' queries over this layer's keys."""
+        plan, used = self._plan, self._plan.used
+        logits = attention_logits(self._queries[layer_idx][rows].unsqueeze(1), self.keys[layer_idx, rows, :, :used],
+                                  scaling)  # fmt: skip
+        span = slice(rows.start - plan.rows.start, rows.stop - plan.rows.start)
+        return masked_softmax(logits, entries_present(plan.entries[span], self.valid[layer_idx, rows, :, :used], used))
+
+    def _step_scores(self) -> StepBatch:
+        """This step's observations for every layer at once, [L, B, ...]: the softmaxes the layers left, aggregated
+        with layers folded into the batch."""
+        plan, self._plan = self._plan, None
         queries = torch.stack(self._queries)  # [L, B, Hq, d]
         self._queries = []
-        scored = [row for row, evictor in enumerate(self.evictors) if observing[row] and evictor.policy.needs.scores]
-        rows = slice(scored[0], scored[-1] + 1) if scored else slice(0, 0)
-        scores = StepBatch(queries=queries if needs.query_window else None, scored_from=rows.start)
-        if rows.stop == rows.start:
+        scores = StepBatch(queries=queries if plan.needs.query_window else None, scored_from=plan.rows.start)
+        if not self._probs:
             return scores
-        queries = queries[:, rows]
-        layers, batch, q_heads, dim = queries.shape
-        entries = torch.tensor([n + 1 for n in self.entries[rows]])  # this step's entry is appended already
-        used = int(entries.max())
-        attention, sparsity = score_dense(
-            queries.reshape(layers * batch, 1, q_heads, dim),
-            self.keys[:, rows, :, :used].reshape(layers * batch, -1, used, dim),
-            entries.repeat(layers), mode="mean", sparsity_threshold=SPARSITY_THRESHOLD if needs.sparsity else None,
-            valid=self.valid[:, rows, :, :used].reshape(layers * batch, -1, used),
+        probs = torch.stack(self._probs)  # [L, b, Hkv, 1, group, used]
+        self._probs = []
+        layers, batch, kv_heads, _, group, used = probs.shape
+        valid = self.valid[:, plan.rows, :, :used].reshape(layers * batch, -1, used)
+        attention, sparsity = scores_from_probs(
+            probs.view(layers * batch, kv_heads, 1, group, used), entries_present(plan.entries.repeat(layers), valid,
+            used), sparsity_threshold=SPARSITY_THRESHOLD if plan.needs.sparsity else None,
         )  # fmt: skip
-        scores.attention = attention.view(layers, batch, -1, used) if needs.attention else None
-        scores.sparsity = None if sparsity is None else sparsity.view(layers, batch, q_heads)
+        scores.attention = attention.view(layers, batch, -1, used) if plan.needs.attention else None
+        scores.sparsity = None if sparsity is None else sparsity.view(layers, batch, kv_heads * group)
         return scores
 
     def _finish_prefill(self) -> None:
@@ -269,8 +339,8 @@ class EvictingCache(Cache):
             self.entries[row] = self.rows[row].prompt_length
 
     def _finish_step(self) -> None:
-        observing = [evictor.observing(n + 1) for evictor, n in zip(self.evictors, self.entries)]
-        step = self._step_scores(observing)
+        observing = self._plan.observing
+        step = self._step_scores()
         for row, evictor in enumerate(self.evictors):
             self.entries[row] += 1
             evictor.append(1)
