@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, StoppingCriteria
 
-from crystal_sglang.kernels.score_reference import attention_logits
+from crystal_sglang.kernels.score_reference import attention_logits, score_dense
 from crystal_sglang.policies import POLICIES, POLICY_NAMES
 from crystal_sglang.reference import cache as reference_cache
 from crystal_sglang.reference.cache import EvictingCache, RowRequest, cache_shape, evicting_attention
@@ -307,3 +307,35 @@ def test_evicting_rows_batched_keep_what_they_keep_alone(model, calibration):
         evictor, alone_evictor = cache.evictors[row], alone.evictors[0]
         assert evictor.stats.evictions == alone_evictor.stats.evictions > 0
         assert torch.equal(evictor.positions[evictor.valid], alone_evictor.positions[alone_evictor.valid])
+
+
+def test_the_scores_of_rows_attended_by_hand_are_the_reference_kernels(model, calibration, monkeypatch):
+    """An observed row that can evict is attended by hand, and the softmax it attends with becomes its scores: they
+    are what the score kernel computes over the row's keys (a row that reads no scores between: zeros)."""
+    policies, lengths, new_tokens = ("crystal", "streamingllm", "h2o"), (12, 7, 9), 36
+    settings = dict(SMALL)
+    budget = settings.pop("budget")
+    prompts = [torch.randint(1, 250, (length,), generator=torch.Generator().manual_seed(length)) for length in lengths]
+    rows = [RowRequest(row_spec(policy, budget, calibration, **settings), len(p), len(p) + new_tokens)
+            for policy, p in zip(policies, prompts)]  # fmt: skip
+    compared = []
+    step_scores = EvictingCache._step_scores
+
+    def checked_step_scores(cache):
+        queries = torch.stack(cache._queries)  # [L, B, Hq, d], before the step consumes them
+        entries = [n + 1 for n in cache.entries]  # this step's entry is stored already
+        scores = step_scores(cache)
+        for row in (0, 2):
+            expected, _ = score_dense(
+                queries[:, row].unsqueeze(1), cache.keys[:, row, :, : entries[row]],
+                torch.full((SHAPE.layers,), entries[row]), valid=cache.valid[:, row, :, : entries[row]],
+            )  # fmt: skip
+            torch.testing.assert_close(scores.attention[:, row, :, : entries[row]], expected)
+        assert not bool(scores.attention[:, 1].any())
+        compared.append(entries)
+        return scores
+
+    monkeypatch.setattr(EvictingCache, "_step_scores", checked_step_scores)
+    _, _, cache = decode_rows(model, prompts, rows, new_tokens)
+    assert len(compared) == new_tokens - 1
+    assert cache.evictors[0].stats.evictions > 0 and cache.evictors[2].stats.evictions > 0
