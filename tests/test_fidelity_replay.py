@@ -223,8 +223,15 @@ def test_a_halving_drops_entries_at_its_checkpoint_and_costs_agreement_after_it(
     assert 16 <= point["held"] <= 16 + SETTINGS["buffer"]  # the row at its budget, not yet halved
     assert point["dropped_worth"] > 0 and point["crf_per_slot"] >= 1  # every entry counts its creation as a hit
     assert point["kl_gain"] > 0  # 8 entries instead of 16 move the next predictions further from the full cache
+    assert point["freed"] == 8 and "second_top1_loss" not in point
     # A checkpoint with no scored token after it within the continuation gives no point.
     assert halving_costs(model, traces[0], reference, "16", [1.0], 10, 0, progress, SETTINGS) == []
+    # Halved twice (from 32: a quarter stays above the protected window): the first halving's point is the same; the
+    # second frees 8 more slots and moves the predictions further still.
+    (once,) = halving_costs(model, traces[0], reference, "32", [0.5], 10, 0, progress, SETTINGS)
+    (twice,) = halving_costs(model, traces[0], reference, "32", [0.5], 10, 0, progress, SETTINGS, twice=True)
+    assert {key: twice[key] for key in once} == once
+    assert twice["freed"] == 16 and twice["second_freed"] == 8 and twice["second_kl_gain"] > 0
 
 
 def test_the_halving_summary_finds_a_signal_that_orders_the_costs_and_none_in_noise():
@@ -236,3 +243,9 @@ def test_the_halving_summary_finds_a_signal_that_orders_the_costs_and_none_in_no
     assert summary["dropped_worth"]["kl_gain"]["spearman"] == pytest.approx(-1.0)
     assert summary["dropped_worth"]["lower_halved_costs_less"] == 0
     assert summary["held"]["top1_loss"]["p"] > 0.05
+    assert "second_halving" not in summary
+    for point in points:
+        point.update(freed=8, second_freed=4, second_top1_loss=point["top1_loss"] / 2, second_kl_gain=0.0)
+    second = summarize_halvings(points)["second_halving"]
+    assert second["mean"]["top1_loss"] == pytest.approx(0.025) and second["costs_more_top1_than_the_first"] == 0
+    assert second["top1_loss_per_freed_slot"]["second"] == pytest.approx(second["top1_loss_per_freed_slot"]["first"])

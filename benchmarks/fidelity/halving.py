@@ -6,7 +6,8 @@ order matters only if something it can read predicts the cost. Per chained-solut
 with its budget halved there. The cost of a halving is the drop in top-1 agreement with the full cache (and the
 rise in KL) over the next `--window` scored tokens; the signals are the row's CRF per held slot, its size, and the
 LRFU worth of the entries the halving drops. Their Spearman correlations with the cost say which, if any, should
-order the scheduler's halvings.
+order the scheduler's halvings. With `--twice` a further row per checkpoint is halved twice there: what a second
+halving of the same request costs beyond the first, against what the first cost, per slot each frees.
 
     python -m benchmarks.fidelity.halving --problems ../shared/data/math500.jsonl --prompts 24 --out DIR
 """
@@ -52,21 +53,27 @@ def signals(evictor: RequestEvictor, halved_budget: int) -> dict:
 
 
 def halving_costs(model, sequence: Sequence, reference: Reference, budget: str, shares: list[float], window: int,
-                  pad_id: int, progress, settings: dict = SETTINGS) -> list[dict]:  # fmt: skip
-    """One sequence: a row kept at `budget` and a row per checkpoint (a share of the continuation) halved there."""
+                  pad_id: int, progress, settings: dict = SETTINGS, twice: bool = False) -> list[dict]:  # fmt: skip
+    """One sequence: a row kept at `budget` and a row per checkpoint (a share of the continuation) halved there;
+    with `twice`, also a row per checkpoint halved twice there (a quarter), whose cost beyond the halved row's is
+    what a second halving of the same request costs."""
     prompt, length = len(sequence.prompt_ids), len(sequence.continuation_ids)
     spec = make_spec("crystal", Budget(entries=budget_entries(budget, sequence)), settings)
     checkpoints = [int(share * length) for share in shares]
-    requests = [RowRequest(spec, prompt, prompt + length, layout=SHARED_SLOTS) for _ in range(1 + len(checkpoints))]
+    halvings = [(checkpoint, times) for times in ((1, 2) if twice else (1,)) for checkpoint in checkpoints]
+    requests = [RowRequest(spec, prompt, prompt + length, layout=SHARED_SLOTS) for _ in range(1 + len(halvings))]
     seen: dict[int, dict] = {}
 
     def halve(step: int, cache: EvictingCache) -> None:
-        for row, checkpoint in enumerate(checkpoints, start=1):
+        for row, (checkpoint, times) in enumerate(halvings, start=1):
             if step == checkpoint:
                 evictor = cache.evictors[row]
-                halved_budget = max(evictor.settings.protected_window + 1, evictor.budget // 2)
-                seen[checkpoint] = signals(evictor, halved_budget)
-                evictor.set_budget(halved_budget)
+                reduced = max(evictor.settings.protected_window + 1, evictor.budget >> times)
+                if times == 1:
+                    seen[checkpoint] = {**signals(evictor, reduced), "freed": evictor.budget - reduced}
+                else:  # after the halved row of the same checkpoint (`halvings` lists those first)
+                    seen[checkpoint]["second_freed"] = evictor.budget - reduced - seen[checkpoint]["freed"]
+                evictor.set_budget(reduced)
 
     rows = replay_rows(model, [sequence], [0] * len(requests), requests, [reference], pad_id, progress, halve)
     result = []
@@ -78,9 +85,15 @@ def halving_costs(model, sequence: Sequence, reference: Reference, budget: str, 
         def mean(values: list) -> float:
             return statistics.fmean(values[i] for i in after)
 
-        result.append({"sequence": sequence.name, "checkpoint": checkpoint, "tokens": len(after), **seen[checkpoint],
-                       "top1_loss": mean(rows[0].agree) - mean(rows[row].agree),
-                       "kl_gain": mean(rows[row].kl) - mean(rows[0].kl)})  # fmt: skip
+        def cost(before: int, reduced: int) -> dict:
+            return {"top1_loss": mean(rows[before].agree) - mean(rows[reduced].agree),
+                    "kl_gain": mean(rows[reduced].kl) - mean(rows[before].kl)}  # fmt: skip
+
+        point = {"sequence": sequence.name, "checkpoint": checkpoint, "tokens": len(after), **seen[checkpoint],
+                 **cost(0, row)}  # fmt: skip
+        if twice:
+            point.update({f"second_{name}": value for name, value in cost(row, row + len(checkpoints)).items()})
+        result.append(point)
     return result
 
 
@@ -106,7 +119,9 @@ def permutation_p(xs: list[float], ys: list[float], draws: int = 4000) -> float:
 
 def summarize(points: list[dict]) -> dict:
     """Per signal and cost, Spearman and its permutation p; per signal, the share of checkpoint pairs from different
-    sequences where halving the one with the lower signal cost less top-1 (ties in cost left out)."""
+    sequences where halving the one with the lower signal cost less top-1 (ties in cost left out); with second
+    halvings, their mean cost, how often one costs more than the first halving at its checkpoint, and the top-1 lost
+    per slot freed by each."""
     result = {"checkpoints": len(points), "mean": {cost: statistics.fmean(p[cost] for p in points) for cost in COSTS}}
     for signal in SIGNALS:
         xs = [p[signal] for p in points]
@@ -117,6 +132,15 @@ def summarize(points: list[dict]) -> dict:
         lower_costs_less = sum((a[signal] < b[signal]) == (a["top1_loss"] < b["top1_loss"]) for a, b in pairs)
         entry["lower_halved_costs_less"] = lower_costs_less / len(pairs) if pairs else None
         result[signal] = entry
+    if points and "second_top1_loss" in points[0]:
+        result["second_halving"] = {
+            "mean": {cost: statistics.fmean(p[f"second_{cost}"] for p in points) for cost in COSTS},
+            "costs_more_top1_than_the_first": statistics.fmean(p["second_top1_loss"] > p["top1_loss"] for p in points),
+            "top1_loss_per_freed_slot": {
+                "first": statistics.fmean(p["top1_loss"] / p["freed"] for p in points),
+                "second": statistics.fmean(p["second_top1_loss"] / p["second_freed"] for p in points),
+            },
+        }
     return result
 
 
@@ -145,6 +169,7 @@ def main() -> None:
     parser.add_argument("--budget", default="20%", help="budget before halving (default 20%%)")
     parser.add_argument("--at", default="0.35,0.65", help="checkpoints, shares of each continuation")
     parser.add_argument("--window", type=int, default=128, help="scored tokens after a checkpoint (default 128)")
+    parser.add_argument("--twice", action="store_true", help="also halve twice at each checkpoint (a second row)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--out", type=Path, default=Path("results/fidelity/halving"))
     args = parser.parse_args()
@@ -159,7 +184,7 @@ def main() -> None:
         for sequence in sequences:
             reference = full_cache_reference(model, [sequence])[0]
             points += halving_costs(model, sequence, reference, args.budget, shares, args.window,
-                                    tokenizer.pad_token_id or 0, progress)  # fmt: skip
+                                    tokenizer.pad_token_id or 0, progress, twice=args.twice)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python -m benchmarks.fidelity.halving", *sys.argv[1:]])
     summary = summarize(points)
