@@ -133,12 +133,14 @@ def summarize(points: list[dict]) -> dict:
         entry["lower_halved_costs_less"] = lower_costs_less / len(pairs) if pairs else None
         result[signal] = entry
     if points and "second_top1_loss" in points[0]:
+        freeing = [p for p in points if p["second_freed"]]  # a quarter floored at the protected window frees none
         result["second_halving"] = {
             "mean": {cost: statistics.fmean(p[f"second_{cost}"] for p in points) for cost in COSTS},
             "costs_more_top1_than_the_first": statistics.fmean(p["second_top1_loss"] > p["top1_loss"] for p in points),
             "top1_loss_per_freed_slot": {
                 "first": statistics.fmean(p["top1_loss"] / p["freed"] for p in points),
-                "second": statistics.fmean(p["second_top1_loss"] / p["second_freed"] for p in points),
+                "second": statistics.fmean(p["second_top1_loss"] / p["second_freed"] for p in freeing) if freeing
+                else None,
             },
         }
     return result
