@@ -33,6 +33,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+PORT_ATTEMPTS = 3
+
+
 class ServerError(RuntimeError):
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
@@ -55,19 +58,38 @@ class SGLangServer:
         start_timeout: float = 300.0,
         port: int | None = None,
     ):
+        self.model_path, self.extra_args = str(model_path), tuple(extra_args)
+        self.chose_port = port is None  # a port chosen here is replaced if taken before the server binds it
         self.port = port or free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.command = [
-            sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
-            "--host", "127.0.0.1", "--port", str(self.port), *extra_args,
-        ]  # fmt: skip
         self.log_path = Path(log_path) if log_path else None
         self.env = {**os.environ, **(env or {})}
         self.start_timeout = start_timeout
         self.process: subprocess.Popen | None = None
         self.started_in: float | None = None
 
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "sglang.launch_server", "--model-path", self.model_path,
+                "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args]  # fmt: skip
+
     def start(self) -> "SGLangServer":
+        """Launch and wait for `/health`. Servers started side by side race for ports: SGLang picks its internal
+        ports (free at that moment) while another server has not bound the port it was given yet. A port this
+        object chose that is taken so is replaced by a fresh one (up to `PORT_ATTEMPTS` launches)."""
+        for attempt in range(PORT_ATTEMPTS if self.chose_port else 1):
+            if attempt:
+                self.port = free_port()
+            if self._launch():
+                return self
+        raise ServerError(f"127.0.0.1:{self.port} was in use by another process when the server bound it: pass a free "
+                          f"port (or none, to have one chosen){self._tail()}")  # fmt: skip
+
+    def _launch(self) -> bool:
+        """True once the server answers `/health`; False (stopped) when its port was taken before it bound it."""
         log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
         begin = time.monotonic()
         self.process = subprocess.Popen(
@@ -75,14 +97,23 @@ class SGLangServer:
             preexec_fn=_terminate_with_parent,
         )
         while time.monotonic() - begin < self.start_timeout:
+            if self._port_taken():
+                self.stop()
+                return False
             if self.process.poll() is not None:
                 raise ServerError(f"the server exited with code {self.process.returncode} while starting{self._tail()}")
             if self._healthy():
                 self.started_in = time.monotonic() - begin
-                return self
+                return True
             time.sleep(0.5)
         self.stop()
         raise ServerError(f"the server did not answer /health within {self.start_timeout:.0f} s{self._tail()}")
+
+    def _port_taken(self) -> bool:
+        """The launcher logged that its HTTP port was in use (it does not exit then: the scheduler keeps it alive)."""
+        if not self.log_path or not self.log_path.exists():
+            return False
+        return f"('127.0.0.1', {self.port}): address already in use" in self.log_path.read_text(errors="replace")
 
     def _healthy(self) -> bool:
         try:
