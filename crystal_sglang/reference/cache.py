@@ -298,11 +298,10 @@ class EvictingCache(Cache):
             stop = start + len(list(alike))
             runs.append((slice(start, stop), *kind))
             start = stop
-        first = scored.index(True) if any(scored) else 0
-        last = len(scored) - scored[::-1].index(True) if any(scored) else 0
-        rows = slice(first, last)
+        indices = [row for row, score in enumerate(scored) if score]
+        rows = slice(indices[0], indices[-1] + 1) if indices else slice(0, 0)
         entries = torch.tensor([n + 1 for n in self.entries[rows]])  # this step's entry is appended already
-        return StepPlan(observing, needs, rows, entries, int(entries.max()) if scored[first:last] else 0, runs)
+        return StepPlan(observing, needs, rows, entries, int(entries.max()) if indices else 0, runs)
 
     def _softmax(self, layer_idx: int, rows: slice, scaling: float) -> torch.Tensor:
         """The score kernel's softmax [b, Hkv, 1, group, used] of these rows' queries over this layer's keys."""
