@@ -221,6 +221,19 @@ def test_answer_after_the_end_of_think_marker_is_kept(policy, model, prompt, cal
 
 
 # ---- batches ---------------------------------------------------------------------------------------------------------
+def seeded_prompts(lengths) -> list[torch.Tensor]:
+    """One random prompt per length, seeded by its length."""
+    return [torch.randint(1, 250, (length,), generator=torch.Generator().manual_seed(length)) for length in lengths]
+
+
+def small_budget_rows(policies, prompts, new_tokens: int, calibration) -> list[RowRequest]:
+    """A row per policy and prompt at the `SMALL` budget and settings, going on for `new_tokens`."""
+    settings = dict(SMALL)
+    budget = settings.pop("budget")
+    return [RowRequest(row_spec(policy, budget, calibration, **settings), len(p), len(p) + new_tokens)
+            for policy, p in zip(policies, prompts)]  # fmt: skip
+
+
 def decode_rows(model, prompts: list[torch.Tensor], rows: list[RowRequest], new_tokens: int):
     """Greedy decoding of right-padded rows of different lengths: each row's first token is read at its own last
     prompt token, and every forward rotates each row at its own positions."""
@@ -247,7 +260,7 @@ def decode_rows(model, prompts: list[torch.Tensor], rows: list[RowRequest], new_
 @pytest.mark.parametrize("policies, lengths", [(("crystal", "rkv"), (12, 7)),
                                                (("streamingllm", "crystal", "random", "h2o"), (12, 7, 9, 5))])  # fmt: skip
 def test_batch_rows_of_different_lengths_decode_as_alone(model, calibration, policies, lengths):
-    prompts = [torch.randint(1, 250, (length,), generator=torch.Generator().manual_seed(length)) for length in lengths]
+    prompts = seeded_prompts(lengths)
     new_tokens = 20
     rows = [RowRequest(row_spec(policy, len(p) + new_tokens, calibration), len(p), len(p) + new_tokens)
             for policy, p in zip(policies, prompts)]  # fmt: skip
@@ -261,7 +274,7 @@ def test_batch_rows_of_different_lengths_decode_as_alone(model, calibration, pol
 
 
 def test_batch_mixing_policies_and_budgets_evicts_per_row(model, calibration):
-    prompts = [torch.randint(1, 250, (length,), generator=torch.Generator().manual_seed(length)) for length in (12, 7)]
+    prompts = seeded_prompts((12, 7))
     new_tokens = 36
     settings = dict(SMALL)
     settings.pop("budget")
@@ -295,11 +308,8 @@ def test_generate_refuses_rows_rotated_at_wrong_positions(model, calibration):
 def test_evicting_rows_batched_keep_what_they_keep_alone(model, calibration):
     """Scored rows around rows that need no scores: every row evicts exactly as it does decoded alone."""
     policies, lengths, new_tokens = ("streamingllm", "crystal", "random", "h2o"), (12, 7, 9, 5), 36
-    settings = dict(SMALL)
-    budget = settings.pop("budget")
-    prompts = [torch.randint(1, 250, (length,), generator=torch.Generator().manual_seed(length)) for length in lengths]
-    rows = [RowRequest(row_spec(policy, budget, calibration, **settings), len(p), len(p) + new_tokens)
-            for policy, p in zip(policies, prompts)]  # fmt: skip
+    prompts = seeded_prompts(lengths)
+    rows = small_budget_rows(policies, prompts, new_tokens, calibration)
     tokens, _, cache = decode_rows(model, prompts, rows, new_tokens)
     for row, prompt_tokens in enumerate(prompts):
         alone_tokens, _, alone = decode_rows(model, [prompts[row]], [rows[row]], new_tokens)
@@ -313,11 +323,8 @@ def test_the_scores_of_rows_attended_by_hand_are_the_reference_kernels(model, ca
     """An observed row that can evict is attended by hand, and the softmax it attends with becomes its scores: they
     are what the score kernel computes over the row's keys (a row that reads no scores between: zeros)."""
     policies, lengths, new_tokens = ("crystal", "streamingllm", "h2o"), (12, 7, 9), 36
-    settings = dict(SMALL)
-    budget = settings.pop("budget")
-    prompts = [torch.randint(1, 250, (length,), generator=torch.Generator().manual_seed(length)) for length in lengths]
-    rows = [RowRequest(row_spec(policy, budget, calibration, **settings), len(p), len(p) + new_tokens)
-            for policy, p in zip(policies, prompts)]  # fmt: skip
+    prompts = seeded_prompts(lengths)
+    rows = small_budget_rows(policies, prompts, new_tokens, calibration)
     compared = []
     step_scores = EvictingCache._step_scores
 
