@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.fidelity import report
-from benchmarks.fidelity.scoring import ANSWER, REASONING, TokenScores, summarize
+import torch
+
+from benchmarks.fidelity.scoring import ANSWER, REASONING, TokenScores, compare, summarize
 
 
 def scores(agree: list[bool], kl: list[float]) -> TokenScores:
@@ -21,6 +23,18 @@ def test_summarize_keeps_per_sequence_sums_that_add_up_to_the_totals():
     assert result["answer"]["per_sequence"]["agreed"] == [0, 0]
     assert result["all"]["top1_agreement"] == pytest.approx(2 / 4)
     assert result["all"]["mean_kl"] == pytest.approx(0.7 / 4)
+
+
+def test_accuracy_counts_the_replayed_token_and_agreement_the_full_caches_top1():
+    full = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0], [0.0, 0.0, 5.0]])
+    policy = torch.tensor([[0.0, 3.0, 4.0], [2.0, 0.0, 1.0], [0.0, 0.0, 5.0]])
+    measured = compare(full, policy, targets=torch.tensor([2, 1, 2]))
+    assert measured.agree == [False, True, True]
+    assert measured.correct == [True, False, True]
+    result = summarize([measured], [[REASONING, ANSWER, ANSWER]], greedy=False)
+    assert result["answer"]["top1_accuracy"] == pytest.approx(1 / 2)
+    assert result["all"]["top1_accuracy"] == pytest.approx(2 / 3)
+    assert summarize([scores([True], [0.0])], [[ANSWER]], greedy=False)["answer"]["top1_accuracy"] is None
 
 
 def configuration(agree_per_sequence: list[list[bool]]) -> dict:

@@ -320,6 +320,8 @@ def main() -> None:
             "top1_agreement": "share of scored tokens where the policy's top-1 next token is the full cache's",
             "mean_kl": "mean over scored tokens of KL(full || policy) of the next-token distributions, nats",
             "perplexity": "exp(mean negative log-likelihood of the replayed token) under the policy",
+            "top1_accuracy": "share of scored tokens where the policy's top-1 next token is the replayed token (on "
+                             "the model's own greedy traces the full cache's is 1 by construction)",
             "greedy_match": "scored tokens before the first top-1 disagreement = how long free-running greedy "
                             "decoding with the policy reproduces the full cache's trace (same inputs until then)",
             "attention_recall": "mean over scored tokens of the share of the full cache's attention (from the "

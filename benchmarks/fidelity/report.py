@@ -13,6 +13,8 @@ METRICS = {
     "top1_agreement": ("top-1 agreement with the full cache", lambda m: m["all"]["top1_agreement"], "{:.3f}"),
     "answer_top1_agreement": ("top-1 agreement, answer part", lambda m: m["answer"]["top1_agreement"], "{:.3f}"),
     "mean_kl": ("mean KL(full || policy), nats", lambda m: m["all"]["mean_kl"], "{:.4f}"),
+    "answer_top1_accuracy": ("top-1 accuracy on the replayed text, answer part (the full cache's row: its own)",
+                             lambda m: m["answer"].get("top1_accuracy"), "{:.3f}"),
     "greedy_match": ("greedy match before the first divergence, tokens",
                      lambda m: m.get("greedy_match", {}).get("mean"), "{:.1f}"),
     "entries_held": ("KV entries held per layer and KV head (mean over steps)",

@@ -1,7 +1,7 @@
 """The one scoring code of the fidelity benchmark, used for our policies and for kvpress's presses alike.
 
-Per replayed token: KL(full || policy) of the next-token distributions, whether the top-1 tokens agree, and the
-negative log-likelihood of the replayed token under the policy (`compare`, recorded row by row by `ReplayScores`
+Per replayed token: KL(full || policy) of the next-token distributions, whether the top-1 tokens agree, the
+negative log-likelihood of the replayed token under the policy and whether the policy's top-1 is that token (`compare`, recorded row by row by `ReplayScores`
 in both replays). Tokens are labelled "reasoning" or "answer" (or left unscored), and `summarize` turns a
 configuration's tokens into its metrics.
 
@@ -37,6 +37,7 @@ class TokenScores:
     nll: list[float]
     entries: list[float] = field(default_factory=list)
     recall: list[float] = field(default_factory=list)
+    correct: list[bool] = field(default_factory=list)  # the policy's top-1 is the replayed token
 
 
 def compare(reference_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> TokenScores:
@@ -46,7 +47,8 @@ def compare(reference_logits: torch.Tensor, logits: torch.Tensor, targets: torch
     kl = (reference.exp() * (reference - policy)).sum(-1, dtype=torch.float64).clamp_min(0.0)
     agree = logits.argmax(-1) == reference_logits.argmax(-1)
     nll = -policy.gather(-1, targets.view(-1, 1)).squeeze(-1)
-    return TokenScores(kl=kl.tolist(), agree=agree.tolist(), nll=nll.tolist())
+    correct = logits.argmax(-1) == targets
+    return TokenScores(kl=kl.tolist(), agree=agree.tolist(), nll=nll.tolist(), correct=correct.tolist())
 
 
 class ReplayScores:
@@ -65,6 +67,7 @@ class ReplayScores:
             scores.kl.append(step.kl[position])
             scores.agree.append(step.agree[position])
             scores.nll.append(step.nll[position])
+            scores.correct.append(step.correct[position])
             scores.entries.append(entries[row])
             if recall is not None:
                 scores.recall.append(recall[row])
@@ -108,7 +111,7 @@ def summarize(sequences: list[TokenScores], labels: list[list[str | None]], gree
     length (only meaningful on the model's own greedy traces)."""
     result = {}
     for part in PARTS:
-        kl, agree, nll, recall = [], [], [], []
+        kl, agree, nll, recall, correct = [], [], [], [], []
         per_sequence = {"tokens": [], "agreed": [], "kl_sum": []}
         for scores, row_labels in zip(sequences, labels):
             inside = [i for i, label in enumerate(row_labels) if label is not None and (part == "all" or label == part)]
@@ -116,6 +119,7 @@ def summarize(sequences: list[TokenScores], labels: list[list[str | None]], gree
             agree += [scores.agree[i] for i in inside]
             nll += [scores.nll[i] for i in inside]
             recall += [scores.recall[i] for i in inside if scores.recall]
+            correct += [scores.correct[i] for i in inside if scores.correct]
             per_sequence["tokens"].append(len(inside))
             per_sequence["agreed"].append(sum(scores.agree[i] for i in inside))
             per_sequence["kl_sum"].append(math.fsum(scores.kl[i] for i in inside))
@@ -124,6 +128,7 @@ def summarize(sequences: list[TokenScores], labels: list[list[str | None]], gree
             "top1_agreement": sum(agree) / len(agree) if agree else None,
             "mean_kl": sum(kl) / len(kl) if kl else None,
             "perplexity": math.exp(sum(nll) / len(nll)) if nll else None,
+            "top1_accuracy": sum(correct) / len(correct) if correct else None,
             "attention_recall": statistics.fmean(recall) if recall else None,
             "per_sequence": per_sequence,  # for comparisons paired by sequence (report.paired_difference)
         }
