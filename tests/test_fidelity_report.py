@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
-from benchmarks.fidelity import report
 import torch
 
+from benchmarks.fidelity import report
 from benchmarks.fidelity.scoring import ANSWER, REASONING, TokenScores, compare, summarize
 
 

@@ -1,9 +1,9 @@
 """The one scoring code of the fidelity benchmark, used for our policies and for kvpress's presses alike.
 
 Per replayed token: KL(full || policy) of the next-token distributions, whether the top-1 tokens agree, the
-negative log-likelihood of the replayed token under the policy and whether the policy's top-1 is that token (`compare`, recorded row by row by `ReplayScores`
-in both replays). Tokens are labelled "reasoning" or "answer" (or left unscored), and `summarize` turns a
-configuration's tokens into its metrics.
+negative log-likelihood of the replayed token under the policy and whether the policy's top-1 is that token
+(`compare`, recorded row by row by `ReplayScores` in both replays). Tokens are labelled "reasoning" or "answer" (or
+left unscored), and `summarize` turns a configuration's tokens into its metrics.
 
 Imports only torch: the kvpress runner loads this module from kvpress's own virtual environment.
 """
@@ -45,9 +45,10 @@ def compare(reference_logits: torch.Tensor, logits: torch.Tensor, targets: torch
     reference = torch.log_softmax(reference_logits.to(torch.float32), dim=-1)
     policy = torch.log_softmax(logits.to(torch.float32), dim=-1)
     kl = (reference.exp() * (reference - policy)).sum(-1, dtype=torch.float64).clamp_min(0.0)
-    agree = logits.argmax(-1) == reference_logits.argmax(-1)
+    top1 = logits.argmax(-1)
+    agree = top1 == reference_logits.argmax(-1)
     nll = -policy.gather(-1, targets.view(-1, 1)).squeeze(-1)
-    correct = logits.argmax(-1) == targets
+    correct = top1 == targets
     return TokenScores(kl=kl.tolist(), agree=agree.tolist(), nll=nll.tolist(), correct=correct.tolist())
 
 
