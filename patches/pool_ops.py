@@ -14,6 +14,7 @@ import torch
 from crystal_sglang.kernels.scores import extract_scores
 from crystal_sglang.policies.base import Decision
 from crystal_sglang.quantization import fake_quantize_keys, fake_quantize_values
+from crystal_sglang.rotary import RotaryShift
 
 
 class PoolView:
@@ -66,10 +67,12 @@ class PoolView:
 
 
 class PoolSelectionContext:
-    """`SelectionContext` over one request's row in the pool (R-KV's redundancy, SnapKV's window scores)."""
+    """`SelectionContext` over one request's row in the pool (R-KV's redundancy, SnapKV's window scores, the
+    lookahead's queries moved on by the served model's rotary embedding)."""
 
-    def __init__(self, pool: PoolView, req, n: int):
+    def __init__(self, pool: PoolView, req, n: int, rotary: RotaryShift | None = None):
         self.pool, self.req, self.n = pool, req, n
+        self.rotary = rotary
         self._keys = None
 
     def keys(self) -> torch.Tensor:

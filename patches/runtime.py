@@ -32,10 +32,11 @@ from crystal_sglang.config import ConfigError, EvictionSpec, parse_budget
 from crystal_sglang.eviction import SHARED_SLOTS, RequestEvictor
 from crystal_sglang.kernels.fused_decode import attend_and_score
 from crystal_sglang.kernels.scores import extract_scores, score_backend
-from crystal_sglang.policies import make_spec, policy_class
+from crystal_sglang.policies import create_policy, make_spec, policy_class
 from crystal_sglang.policies.base import SPARSITY_THRESHOLD, CacheShape, ScoreNeeds, StepBatch, StepScores
 from crystal_sglang.patches.observability import EvictionMetrics, PoolSavings
 from crystal_sglang.patches.pool_ops import PoolSelectionContext, PoolView
+from crystal_sglang.patches.rotary import served_rotary
 
 logger = logging.getLogger("crystal_sglang")
 
@@ -124,6 +125,10 @@ class EvictionRuntime:
             layers=kv_pool.layer_num, kv_heads=kv_heads, group=config.num_attention_heads // kv_heads,
             head_dim=kv_pool.head_dim,
         )  # fmt: skip
+        self.rotary = served_rotary(scheduler.tp_worker.model_runner.model)
+        if self.rotary is None and create_policy(spec).needs.rotary:
+            raise ConfigError(f"--kv-evict {spec.policy} moves queries with the model's rotary embedding, and "
+                              "this model has none SGLang exposes: choose another policy (crystal)")
         self.tracked: dict[str, _Tracked] = {}
         self._layer_scores: dict[int, tuple] = {}
         self._fused: dict[int, tuple] = {}  # layer id: scores its attention computed (`attend_and_score`)
@@ -258,7 +263,7 @@ class EvictionRuntime:
 
     def _evict(self, req, evictor: RequestEvictor, n: int) -> int:
         """Ask the evictor and apply its decision to the pool; returns the entries the row holds afterwards."""
-        decision = evictor.decide(PoolSelectionContext(self.pool, req, n))
+        decision = evictor.decide(PoolSelectionContext(self.pool, req, n, self.rotary))
         if decision is None:
             return n
         kept = self.pool.apply(req, n, decision)

@@ -21,6 +21,7 @@ from crystal_sglang.eviction import SHARED_SLOTS, RequestEvictor
 from crystal_sglang.kernels.score_reference import score_reference
 from crystal_sglang.policies import make_spec
 from crystal_sglang.policies.base import CacheShape, Decision, StepScores
+from crystal_sglang.rotary import RotaryShift
 
 SHAPE = CacheShape(layers=2, kv_heads=2, group=2, head_dim=8)
 MARKER = (7, 8)  # token ids of the end-of-think marker in the scripted streams
@@ -72,6 +73,7 @@ class KeyTable:
 
     def __init__(self, holder, table: torch.Tensor):
         self.holder, self.table = holder, table
+        self.rotary = rope_shift(table.shape[-1])
 
     def keys(self) -> torch.Tensor:
         positions = self.holder.positions
@@ -89,6 +91,11 @@ class KeyTable:
             )  # fmt: skip
             per_layer.append(torch.nn.functional.pad(scores[0], (0, n - scores.shape[-1])))
         return torch.stack(per_layer)
+
+
+def rope_shift(head_dim: int, theta: float = 10000.0) -> RotaryShift:
+    """Plain RoPE's frequencies for `head_dim` channels."""
+    return RotaryShift(1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
 
 
 def random_keys(shape: CacheShape, positions: int, generator: torch.Generator) -> torch.Tensor:

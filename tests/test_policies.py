@@ -48,8 +48,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_registry_lists_every_policy():
-    assert set(POLICY_NAMES) == {"crystal", "crystal-lite", "rkv", "thinkv", "snapkv", "h2o", "streamingllm",
-                                 "random", "none"}  # fmt: skip
+    assert set(POLICY_NAMES) == {"crystal", "crystal-lite", "crystal-lookahead", "rkv", "thinkv", "snapkv", "h2o",
+                                 "streamingllm", "random", "none"}  # fmt: skip
     for name, policy in POLICIES.items():
         assert policy.name == name
 

@@ -17,7 +17,7 @@ from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList,
 from crystal_sglang.kernels.score_reference import attention_logits, score_dense
 from crystal_sglang.policies import POLICIES, POLICY_NAMES
 from crystal_sglang.reference import cache as reference_cache
-from crystal_sglang.reference.cache import EvictingCache, RowRequest, cache_shape, evicting_attention
+from crystal_sglang.reference.cache import EvictingCache, RowRequest, cache_shape, evicting_attention, model_rotary
 from tests.policy_helpers import (
     SMALL_SEGMENTS,
     check_every_decision,
@@ -99,7 +99,7 @@ def test_budget_covering_the_request_is_bit_identical(policy, model, prompt, pla
     # ThinKV at full precision: its quantization changes values whatever the budget.
     bits = dict(bits_reasoning=16, bits_execution=16, bits_transition=16) if policy == "thinkv" else {}
     spec = row_spec(policy, PROMPT + NEW_TOKENS, calm_calibration, **bits)
-    cache = EvictingCache(CONFIG, [RowRequest(spec, PROMPT, PROMPT + NEW_TOKENS)])
+    cache = EvictingCache(CONFIG, [RowRequest(spec, PROMPT, PROMPT + NEW_TOKENS)], rotary=model_rotary(model))
     scored = []
     monkeypatch.setattr(reference_cache, "attention_logits", lambda *a: scored.append(1) or attention_logits(*a))
     output = generate(model, prompt, NEW_TOKENS, cache)
@@ -119,7 +119,7 @@ def test_small_budget_bounds_the_cache_and_positions_stay_logical(policy, model,
     new_tokens = 40
     config = dict(SMALL)
     spec = row_spec(policy, config.pop("budget"), calibration, **config)
-    cache = EvictingCache(CONFIG, [RowRequest(spec, PROMPT, PROMPT + new_tokens)])
+    cache = EvictingCache(CONFIG, [RowRequest(spec, PROMPT, PROMPT + new_tokens)], rotary=model_rotary(model))
     evictor = cache.evictors[0]
     check_every_decision(evictor)  # each decision inside generate() passes the unit tests' checks
     bound = SMALL["budget"] + SMALL["buffer"]
@@ -164,7 +164,7 @@ def test_compaction_keeps_each_entry_at_its_logical_position(policy, model, prom
     bits = dict(bits_reasoning=16, bits_execution=16, bits_transition=16) if policy == "thinkv" else {}
     config = dict(SMALL)
     spec = row_spec(policy, config.pop("budget"), calibration, **config, **bits)
-    cache = EvictingCache(CONFIG, [RowRequest(spec, PROMPT, PROMPT + 64)])
+    cache = EvictingCache(CONFIG, [RowRequest(spec, PROMPT, PROMPT + 64)], rotary=model_rotary(model))
     stop = StopAfterFirstEviction()
     stop.cache = cache
     output = generate(model, prompt, 64, cache, stopping_criteria=[stop])
@@ -207,7 +207,8 @@ def test_answer_after_the_end_of_think_marker_is_kept(policy, model, prompt, cal
     new_tokens, marker_step = 40, 10
     config = dict(SMALL)
     spec = row_spec(policy, config.pop("budget"), calibration, **config)
-    cache = EvictingCache(CONFIG, [RowRequest(spec, PROMPT, PROMPT + new_tokens, end_of_think_ids=MARKER)])
+    rows = [RowRequest(spec, PROMPT, PROMPT + new_tokens, end_of_think_ids=MARKER)]
+    cache = EvictingCache(CONFIG, rows, rotary=model_rotary(model))
     check_every_decision(cache.evictors[0])
     output = generate(model, prompt, new_tokens, cache, logits_processor=LogitsProcessorList([ForceMarker(cache, 10)]))
     assert output.sequences[0, PROMPT + marker_step : PROMPT + marker_step + 2].tolist() == list(MARKER)
@@ -237,7 +238,7 @@ def small_budget_rows(policies, prompts, new_tokens: int, calibration) -> list[R
 def decode_rows(model, prompts: list[torch.Tensor], rows: list[RowRequest], new_tokens: int):
     """Greedy decoding of right-padded rows of different lengths: each row's first token is read at its own last
     prompt token, and every forward rotates each row at its own positions."""
-    cache = EvictingCache(CONFIG, rows)
+    cache = EvictingCache(CONFIG, rows, rotary=model_rotary(model))
     lengths = torch.tensor([len(p) for p in prompts])
     input_ids = torch.zeros((len(prompts), int(lengths.max())), dtype=torch.int64)
     for row, tokens in enumerate(prompts):
@@ -300,7 +301,7 @@ def test_generate_refuses_rows_rotated_at_wrong_positions(model, calibration):
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 7:] = 0
     rows = [RowRequest(row_spec("h2o", 64, calibration), 12, 20), RowRequest(row_spec("h2o", 64, calibration), 7, 15)]
-    cache = EvictingCache(CONFIG, rows)
+    cache = EvictingCache(CONFIG, rows, rotary=model_rotary(model))
     with pytest.raises(ValueError, match="row 1: token 7 is rotated at position 1: rotate every row at its own"):
         generate(model, input_ids, 4, cache, attention_mask=attention_mask)
 

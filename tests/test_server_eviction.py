@@ -47,13 +47,13 @@ def reference_output(model_dir, policy: str, budget: int, new_tokens: int = NEW_
     from transformers import AutoModelForCausalLM
 
     from crystal_sglang.eviction import SHARED_SLOTS
-    from crystal_sglang.reference.cache import EvictingCache, RowRequest, evicting_attention
+    from crystal_sglang.reference.cache import EvictingCache, RowRequest, evicting_attention, model_rotary
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     spec = make_spec(policy, parse_budget(budget))
     prompt = torch.tensor([PROMPT_IDS])
-    cache = EvictingCache(model.config, [RowRequest(spec, len(PROMPT_IDS), len(PROMPT_IDS) + new_tokens,
-                                                    layout=SHARED_SLOTS)])
+    rows = [RowRequest(spec, len(PROMPT_IDS), len(PROMPT_IDS) + new_tokens, layout=SHARED_SLOTS)]
+    cache = EvictingCache(model.config, rows, rotary=model_rotary(model))
     with evicting_attention(model), torch.no_grad():
         out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                              past_key_values=cache, pad_token_id=model.config.eos_token_id)
@@ -121,7 +121,8 @@ def test_pool_savings_in_the_log_line_and_metrics(server):
     assert shares and all(0 < share < 100 for share in shares)
 
 
-@pytest.mark.parametrize("policy", ["crystal", "crystal-lite", "h2o", "streamingllm", "snapkv", "rkv"])
+@pytest.mark.parametrize("policy", ["crystal", "crystal-lite", "crystal-lookahead", "h2o", "streamingllm", "snapkv",
+                                    "rkv"])
 def test_server_equals_the_reference_path(server, tiny_model_dir, policy):
     reply = generate(server, {"kv_evict": policy, "kv_budget": SMALL_BUDGET})
     assert reply["output_ids"] == reference_output(tiny_model_dir, policy, SMALL_BUDGET)

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.fidelity.replay import Config, decode, prefill, row_groups, row_request
 from benchmarks.fidelity.workload import Sequence
-from crystal_sglang.reference.cache import EvictingCache, evicting_attention
+from crystal_sglang.reference.cache import EvictingCache, evicting_attention, model_rotary
 
 NGRAM = 4
 
@@ -67,7 +67,7 @@ def free_run_rows(
     end-of-sequence token (then padding until the group is done); per row, (its tokens, whether it ended)."""
     requests = [row_request(config, traces[index], settings, end_of_think_ids,
                             len(traces[index].prompt_ids) + new_tokens) for config, index in rows]  # fmt: skip
-    cache = EvictingCache(model.config, requests)
+    cache = EvictingCache(model.config, requests, rotary=model_rotary(model))
     tokens: list[list[int]] = [[] for _ in rows]
     ended = [False] * len(rows)
     with evicting_attention(model):

@@ -30,7 +30,7 @@ from benchmarks.fidelity.workload import load_default_model
 from crystal_sglang.config import parse_budget
 from crystal_sglang.policies import make_spec
 from crystal_sglang.prompts import DEFAULT_PROBLEMS, chat_messages
-from crystal_sglang.reference.cache import EvictingCache, RowRequest, evicting_attention
+from crystal_sglang.reference.cache import EvictingCache, RowRequest, evicting_attention, model_rotary
 
 
 def long_prompt(tokenizer, length: int) -> list[int]:
@@ -73,7 +73,7 @@ class PolicyTimer:
 def time_steps(model, prompt: list[int], policy: str, budget: str, steps: int, warmup: int) -> dict:
     spec = make_spec(policy, parse_budget(budget), {"protect_prompt": False})
     going_on = 2 * len(prompt) + warmup + steps  # its full length: it continues past the measured steps
-    cache = EvictingCache(model.config, [RowRequest(spec, len(prompt), going_on)])
+    cache = EvictingCache(model.config, [RowRequest(spec, len(prompt), going_on)], rotary=model_rotary(model))
     timer = PolicyTimer(cache)
     step_ms, parts_ms = [], {"scoring": [], "policy": []}
     with evicting_attention(model):

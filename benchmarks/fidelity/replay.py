@@ -14,7 +14,7 @@ from benchmarks.fidelity.scoring import ReplayScores, TokenScores, right_padded
 from benchmarks.fidelity.workload import Reference, Sequence
 from crystal_sglang.config import Budget, parse_budget
 from crystal_sglang.policies import create_policy, make_spec
-from crystal_sglang.reference.cache import EvictingCache, RowRequest, evicting_attention
+from crystal_sglang.reference.cache import EvictingCache, RowRequest, evicting_attention, model_rotary
 
 FULL = "full"  # budget label of the no-eviction sanity row
 
@@ -100,7 +100,7 @@ def replay_rows(
     """Rows (a request each, replaying sequence `indices[row]`) as one `EvictingCache`, teacher-forced; token
     scores per row. `before_feeding(step, cache)` runs before continuation token `step` is fed (what a scheduler
     would do to the rows between two decode steps)."""
-    cache = EvictingCache(model.config, requests)
+    cache = EvictingCache(model.config, requests, rotary=model_rotary(model))
     lengths = [len(sequences[index].continuation_ids) for index in indices]
     recorded = ReplayScores(len(indices))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from crystal_sglang.config import Budget, ConfigError, EvictionSpec, build_spec, parse_config
 from crystal_sglang.policies.base import EvictionPolicy
 from crystal_sglang.policies.h2o import H2O
+from crystal_sglang.policies.lookahead import CrystalLookahead
 from crystal_sglang.policies.lrfu import Crystal, CrystalLite
 from crystal_sglang.policies.no_eviction import NoEviction
 from crystal_sglang.policies.random_eviction import RandomEviction
@@ -14,7 +15,9 @@ from crystal_sglang.policies.thinkv import ThinKV
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
     policy.name: policy
-    for policy in (Crystal, CrystalLite, RKV, ThinKV, SnapKV, H2O, StreamingLLM, RandomEviction, NoEviction)
+    for policy in (
+        Crystal, CrystalLite, CrystalLookahead, RKV, ThinKV, SnapKV, H2O, StreamingLLM, RandomEviction, NoEviction
+    )
 }
 POLICY_NAMES: tuple[str, ...] = tuple(POLICIES)
 DEFAULT_POLICY = "crystal"

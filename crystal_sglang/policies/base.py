@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from crystal_sglang.config import EvictionSpec
+from crystal_sglang.rotary import RotaryShift
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class ScoreNeeds:
     sparsity: bool = False  # every decode step: per query head, share of the row below 1 % of its max
     query_window: int = 0  # every decode step: keep this many newest rotated queries per layer
     keys_at_selection: bool = False  # at selection: the cached keys (and the score function over them)
+    rotary: bool = False  # at selection: the model's rotary embedding (`SelectionContext.rotary`)
 
     @property
     def scores(self) -> bool:
@@ -53,6 +55,7 @@ class ScoreNeeds:
             sparsity=self.sparsity or other.sparsity,
             query_window=max(self.query_window, other.query_window),
             keys_at_selection=self.keys_at_selection or other.keys_at_selection,
+            rotary=self.rotary or other.rotary,
         )
 
 
@@ -147,6 +150,8 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 class SelectionContext(Protocol):
     """Access to the request's cache at selection time, provided by the integration."""
+
+    rotary: RotaryShift | None  # the model's rotary embedding (None where the integration found none)
 
     def keys(self) -> torch.Tensor:
         """[L, H, n, d] cached (rotated) keys in slot order."""

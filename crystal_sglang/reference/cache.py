@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from crystal_sglang.config import EvictionSpec
+from crystal_sglang.config import ConfigError, EvictionSpec
 from crystal_sglang.eviction import PER_HEAD, SHARED_SLOTS, RequestEvictor
 from crystal_sglang.policies import create_policy
 from crystal_sglang.policies.base import (
@@ -42,6 +42,7 @@ from crystal_sglang.policies.base import (
     StepBatch,
 )
 from crystal_sglang.quantization import fake_quantize_keys, fake_quantize_values
+from crystal_sglang.rotary import RotaryShift
 from crystal_sglang.kernels.score_reference import (
     attention_logits,
     entries_present,
@@ -52,6 +53,16 @@ from crystal_sglang.kernels.score_reference import (
 
 ATTENTION_NAME = "crystal_kv"
 _active_cache: contextvars.ContextVar["EvictingCache | None"] = contextvars.ContextVar("crystal_kv_cache", default=None)
+
+
+def model_rotary(model) -> RotaryShift | None:
+    """A transformers model's rotary embedding as a shift (its module keeps the frequencies, scaling applied, as
+    `inv_freq`; transformers' models rotate halves), or None for a model without one."""
+    for module in model.modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if isinstance(inv_freq, torch.Tensor):
+            return RotaryShift(inv_freq.detach().to(torch.float64).cpu(), neox=True)
+    return None
 
 
 def cache_shape(config) -> CacheShape:
@@ -99,10 +110,11 @@ class EvictingLayer(CacheLayerMixin):
 
 
 class _RowContext:
-    """SelectionContext of one row: its keys, and the reference kernel over them."""
+    """SelectionContext of one row: its keys, the reference kernel over them, and the model's rotary embedding."""
 
     def __init__(self, cache: "EvictingCache", row: int):
         self.cache, self.row = cache, row
+        self.rotary = cache.rotary
         self._keys = None
 
     def keys(self) -> torch.Tensor:
@@ -131,11 +143,18 @@ class StepPlan:
 
 
 class EvictingCache(Cache):
-    def __init__(self, config, rows: list[RowRequest], device: torch.device | str = "cpu"):
+    def __init__(self, config, rows: list[RowRequest], device: torch.device | str = "cpu",
+                 rotary: RotaryShift | None = None):  # fmt: skip
+        """`rotary`: the model's rotary embedding (`model_rotary(model)`), for policies that need it."""
         self.shape = cache_shape(config)
         super().__init__(layers=[EvictingLayer() for _ in range(self.shape.layers)])
         self.rows = rows
+        self.rotary = rotary
         policies = [row.policy or create_policy(row.spec) for row in rows]
+        needing = sorted({policy.name for policy in policies if policy.needs.rotary})
+        if needing and rotary is None:
+            raise ConfigError(f"{', '.join(needing)} needs the model's rotary embedding: build the cache with "
+                              "rotary=model_rotary(model)")
         self.evictors = [
             RequestEvictor(
                 row.spec, self.shape, row.prompt_length, row.full_length, device=device,
