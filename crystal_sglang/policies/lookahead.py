@@ -65,20 +65,31 @@ def lookahead_attention(
 ) -> torch.Tensor:
     """queries [L, W, Hq, d] rotated at positions `asked_at` [W], keys [L, H, n, d], valid [L, H, n] -> [L, H, n]
     float64: per entry, the decay-weighted sum over queries of their group-mean softmax attention at each offset
-    past `step`, summed over the offsets (0 for entries not held)."""
+    past `step`, summed over the offsets (0 for entries not held).
+
+    A query asked at p and moved on to step + o meets key k as (R(step + o - p) q) . k = (R(-p) q) . (R(-step - o) k):
+    each query is turned back once and the keys once per offset (KV heads x entries, not 128 queries x the group
+    per offset), and the softmax's normalisation folds into each row's weight, so one product of the weights with
+    the exponentials sums over queries, group and offsets (2x faster than moving every query per offset, measured
+    at 400 held entries on SmolLM2's shapes)."""
     layers, heads, n, dim = keys.shape
-    window = queries.shape[1]
-    group = queries.shape[2] // heads
-    weights = torch.pow(torch.tensor(decay, dtype=torch.float64), (step - asked_at).to(torch.float64))
-    weights = weights.to(torch.float32).to(keys.device)
-    absent = ~valid[:, :, None, None, :]
-    total = torch.zeros((layers, heads, n), dtype=torch.float32, device=keys.device)
-    for offset in offsets:
-        moved = rotary.shift(queries, step + offset - asked_at, axis=1)  # [L, W, Hq, d]
-        moved = moved.permute(0, 2, 1, 3).reshape(layers, heads, group, window, dim)
-        logits = (moved @ keys[:, :, None].transpose(-1, -2)) * dim**-0.5  # [L, H, group, W, n]
-        probs = logits.masked_fill_(absent, float("-inf")).softmax(-1).mean(2)
-        total += (probs * weights[None, None, :, None]).sum(2)
+    window, group, count = queries.shape[1], queries.shape[2] // heads, len(offsets)
+    weights = torch.pow(torch.tensor(decay, dtype=torch.float64), (step - asked_at).to(torch.float64)) / group
+    row_weights = weights.to(torch.float32).to(keys.device).repeat(group)  # rows ordered (group member, query)
+    unturned = rotary.shift(queries, -asked_at, axis=1).view(layers, window, heads, group, dim)
+    unturned = unturned.permute(0, 2, 3, 1, 4).reshape(layers, heads, group * window, dim)
+    back = torch.tensor([-(step + offset) for offset in offsets])
+    turned = rotary.shift(keys.unsqueeze(2).expand(layers, heads, count, n, dim), back, axis=2)
+    turned = turned.reshape(layers, heads, count * n, dim).transpose(-1, -2)  # [L, H, d, offsets x n]
+    absent = None if bool(valid.all()) else ~valid[:, :, None, None, :]
+    total = torch.empty((layers, heads, n), dtype=torch.float32, device=keys.device)
+    for layer in range(layers):  # one layer's exponentials at a time: [H, group x W, offsets, n]
+        exponentials = torch.matmul(unturned[layer], turned[layer]).mul_(dim**-0.5).view(heads, -1, count, n)
+        if absent is not None:
+            exponentials.masked_fill_(absent[layer], float("-inf"))
+        exponentials.sub_(exponentials.amax(-1, keepdim=True)).exp_()
+        coefficients = row_weights[:, None] / exponentials.sum(-1)  # [H, group x W, offsets]
+        total[layer] = torch.matmul(coefficients.reshape(heads, 1, -1), exponentials.reshape(heads, -1, n))[:, 0]
     return total.to(torch.float64).masked_fill_(~valid, 0.0)
 
 
