@@ -32,13 +32,9 @@ class RotaryShift:
         turns = torch.remainder(angles[1:] - angles[:-1] + torch.pi, 2 * torch.pi) - torch.pi
         return cls(turns.sum(0) / turns.shape[0], neox)
 
-    @property
-    def rotary_dim(self) -> int:
-        return 2 * self.inv_freq.numel()
-
     def shift(self, x: torch.Tensor, by: torch.Tensor, axis: int) -> torch.Tensor:
         """`x` [..., d] float, each slice along `axis` moved on by its own `by` [x.shape[axis]] positions; channels
-        past `rotary_dim` (partial rotary) stay as they are."""
+        past the rotary ones (2 per frequency: a partial rotary embedding) stay as they are."""
         half = self.inv_freq.numel()
         angles = by.to(torch.float64).cpu()[:, None] * self.inv_freq  # [m, half]
         shape = [1] * x.dim()
