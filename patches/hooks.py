@@ -105,6 +105,18 @@ def relieve_before_retracting(original, batch, *args, **kwargs):
     return fits
 
 
+def refuse_unservable(original, scheduler, req, *args, **kwargs):
+    """A request whose eviction choice the served model cannot support (a check that needs the model, so it is made
+    here, in the scheduler) is answered with HTTP 400 the way SGLang refuses its own: finished with an abort before
+    it is queued."""
+    retracted = kwargs.get("is_retracted", args[0] if args else False)
+    if not retracted:
+        message = _runtime.refusal(req)
+        if message is not None:
+            req.set_finish_with_abort(message)
+    return original(scheduler, req, *args, **kwargs)
+
+
 def forget_retracted(_result, req, *args, **kwargs) -> None:
     _runtime.forget(req)
 
@@ -174,6 +186,7 @@ RUNTIME_TARGETS = {
         score_inside_torch_native_decode, HookType.AROUND),
     "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new": (start_decode_step, HookType.AFTER),
     "sglang.srt.managers.scheduler.Scheduler.process_batch_result": (evict_after_step, HookType.AFTER),
+    "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue": (refuse_unservable, HookType.AROUND),
     "sglang.srt.managers.schedule_batch.Req.reset_for_retract": (forget_retracted, HookType.AFTER),
     "sglang.srt.managers.schedule_batch.ScheduleBatch.check_decode_mem": (relieve_before_retracting, HookType.AROUND),
     f"{_ADDER}.add_one_req": (admit_bounded_by_budget, HookType.AROUND),

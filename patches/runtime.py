@@ -11,9 +11,11 @@ than `none`, so a server without eviction runs stock code. Per decode step:
    and the request's lengths and the batch's `seq_lens` shrink.
 3. `ForwardBatch.init_new` (after): decode positions become logical again (physical length + evicted count).
 
-`Req.reset_for_retract` (after) drops a retracted request's state (it is re-prefilled in full); finished and
-aborted requests drop theirs at the end of their last step. `PrefillAdder._select_prefill_admission` and
-`PrefillAdder._get_running_request_total_token_offset` count a bounded request at what it can grow to.
+`Scheduler._add_request_to_queue` (around) answers HTTP 400 to a new request whose `custom_params` choose a policy
+the served model cannot support. `Req.reset_for_retract` (after) drops a retracted request's state (it is
+re-prefilled in full); finished and aborted requests drop theirs at the end of their last step.
+`PrefillAdder._select_prefill_admission` and `PrefillAdder._get_running_request_total_token_offset` count a bounded
+request at what it can grow to.
 """
 
 from __future__ import annotations
@@ -126,9 +128,9 @@ class EvictionRuntime:
             head_dim=kv_pool.head_dim,
         )  # fmt: skip
         self.rotary = served_rotary(scheduler.tp_worker.model_runner.model)
-        if self.rotary is None and create_policy(spec).needs.rotary:
-            raise ConfigError(f"--kv-evict {spec.policy} moves queries with the model's rotary embedding, and "
-                              "this model has none SGLang exposes: choose another policy (crystal)")
+        unservable = self._unservable(spec)
+        if unservable is not None:
+            raise ConfigError(f"--kv-evict {unservable}")
         self.tracked: dict[str, _Tracked] = {}
         self._layer_scores: dict[int, tuple] = {}
         self._fused: dict[int, tuple] = {}  # layer id: scores its attention computed (`attend_and_score`)
@@ -404,6 +406,22 @@ class EvictionRuntime:
             "policy": evictor.spec.policy, "budget": evictor.budget, "retained": evictor.entries,
             "evicted": evictor.length - evictor.entries, "evictions": evictor.stats.evictions,
         }  # fmt: skip
+
+    def _unservable(self, spec: EvictionSpec) -> str | None:
+        """What the served model lacks for the spec's policy, or None: the checks that need the model, which the
+        process receiving requests cannot make."""
+        if self.rotary is None and create_policy(spec).needs.rotary:
+            return (f"{spec.policy} moves queries with the model's rotary embedding, and this model has none SGLang "
+                    "exposes: choose another policy (crystal)")
+        return None
+
+    def refusal(self, req) -> str | None:
+        """Why this server cannot serve a new request's eviction choice (its `custom_params`), or None."""
+        spec = req_spec(req, self.spec)
+        if spec is self.spec:
+            return None  # the server's own choice passed these checks at start-up
+        unservable = self._unservable(spec)
+        return None if unservable is None else f"custom_params.kv_evict={unservable}"
 
     def forget(self, req) -> None:
         self.tracked.pop(req.rid, None)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.policy_helpers import NO_TRANSITION, torch_threads, write_calibration
-from tests.tiny_model import build_tiny_llama
+from tests.tiny_model import build_tiny_gpt2, build_tiny_llama
 
 
 def pytest_collection_modifyitems(config, items):
@@ -43,6 +43,11 @@ def calm_calibration(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_rotaryless_model_dir(tmp_path_factory):
+    return build_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
 
 
 @pytest.fixture(scope="session")

@@ -79,8 +79,26 @@ def build_tiny_llama(out: Path, seed: int = 0) -> Path:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, rope_theta=10000.0,
     )  # fmt: skip
+    return _save_random(LlamaForCausalLM, config, out, seed)
+
+
+def build_tiny_gpt2(out: Path, seed: int = 0) -> Path:
+    """Write a Hugging Face folder for a 2-layer GPT-2: learned absolute positions, no rotary embedding."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out, vocab_size=512)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=4096,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    return _save_random(GPT2LMHeadModel, config, out, seed)
+
+
+def _save_random(model_class, config, out: Path, seed: int) -> Path:
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = model_class(config).to(torch.float32)
     with torch.no_grad():  # a larger spread than the default init makes greedy choices far from ties
         for parameter in model.parameters():
             if parameter.dim() == 2:
