@@ -119,11 +119,11 @@ def test_asked_now_and_undecayed_the_priority_sums_each_kept_querys_attention_at
     state = evictor.state
     assert sorted(state.extra["asked_at"].tolist()) == [11, 12, 13]  # the ring holds the newest three steps
     newest = state.extra["queries"][:, 13 % 3]
-    torch.testing.assert_close(newest, scores.queries)
+    assert torch.equal(newest, scores.queries.to(torch.bfloat16))  # kept in 16 bits: half the memory
     priority = evictor.policy.priority(state, evictor.selection_input(context))
     step = evictor.length - 1
     each = [
-        context.attention(context.rotary.shift(state.extra["queries"][:, slot : slot + 1], step - at, axis=1),
+        context.attention(context.rotary.shift(state.extra["queries"][:, slot : slot + 1].float(), step - at, axis=1),
                           evictor.entries, "mean")
         for slot, at in enumerate(state.extra["asked_at"].view(3, 1))
     ]  # fmt: skip
