@@ -1,6 +1,6 @@
 """A model without a rotary embedding (a tiny GPT-2: learned absolute positions) on the real CPU server: the
 policies that move queries by the model's rotary embedding are refused, at start-up or per request, and the
-others evict as usual."""
+others evict as usual, positions kept logical."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from crystal_sglang.server import SGLangServer, ServerError
 from tests.conftest import cpu_server_args
-from tests.test_server_eviction import BUFFER, DEBUG, generate
+from tests.test_server_eviction import BUFFER, DEBUG, generate, reference_output
 
 pytestmark = pytest.mark.server
 
@@ -27,11 +27,14 @@ def server(tiny_rotaryless_model_dir, server_log_dir):
     assert "Traceback" not in (server_log_dir / "rotaryless.log").read_text()
 
 
-def test_eviction_runs_without_a_rotary_embedding(server):
+def test_eviction_keeps_learned_positions_logical(server, tiny_rotaryless_model_dir):
+    """GPT-2 adds a learned embedding per position: after eviction the server must still feed each token its
+    logical position, as the transformers reference path does."""
     reply = generate(server)
     info = reply["meta_info"]["kv_evict"][-1]
     assert info["policy"] == "crystal" and info["evicted"] > 0 and info["retained"] <= BUDGET + BUFFER
-    assert len(reply["output_ids"]) == 120
+    assert reply["output_ids"] == reference_output(tiny_rotaryless_model_dir, "crystal", BUDGET)
+    assert reply["output_ids"] != generate(server, {"kv_evict": "none"})["output_ids"]  # eviction changed the output
 
 
 @pytest.mark.parametrize("custom_params", [{"kv_evict": "crystal-lookahead"},
