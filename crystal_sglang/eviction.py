@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from crystal_sglang.budgets import reallocate_heads
+from crystal_sglang.columns import EntryColumns
 from crystal_sglang.config import EvictionSpec
 from crystal_sglang.policies import create_policy
 from crystal_sglang.policies.base import (
@@ -63,8 +64,7 @@ class RequestEvictor:
         self.budget = spec.budget.resolve(full_length)
         self.state.budget = self.budget
         self.head_budgets = torch.full((shape.layers, shape.kv_heads), self.budget, dtype=torch.int64)
-        self.positions = torch.empty((shape.layers, shape.kv_heads, 0), dtype=torch.int64, device=self.device)
-        self.valid = torch.empty((shape.layers, shape.kv_heads, 0), dtype=torch.bool, device=self.device)
+        self._row = EntryColumns()  # "positions": logical position of the token in each slot; "valid": slot held
         self.length = 0  # logical length: tokens seen so far
         self.pinned = 0  # leading slots owned by someone else (SGLang's prefix cache): never moved
         self.end_of_think_ids = tuple(end_of_think_ids)
@@ -89,19 +89,27 @@ class RequestEvictor:
     @property
     def entries(self) -> int:
         """Slots held per head (the row length)."""
-        return self.positions.shape[-1]
+        return self._row.count
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """[L, H, n] logical position of the token in each slot."""
+        return self._row["positions"]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """[L, H, n] whether the head holds its slot (per-head budgets leave holes)."""
+        return self._row["valid"]
 
     def append(self, count: int = 1) -> None:
         """`count` new tokens entered every head's cache at the next logical positions."""
         start = self.length
         new = torch.arange(start, start + count, dtype=torch.int64, device=self.device)
         shape = (self.shape.layers, self.shape.kv_heads, count)
-        self.positions = torch.cat([self.positions, new.expand(shape)], dim=-1)
-        self.valid = torch.cat([self.valid, torch.ones(shape, dtype=torch.bool, device=self.device)], dim=-1)
+        held = torch.ones(shape, dtype=torch.bool, device=self.device)
+        self._row.append({"positions": new.expand(shape), "valid": held})
         self.length += count
-        for name, values in self.policy.initial_entries(self.state, count, self.length - 1).items():
-            current = self.state.entries.get(name)
-            self.state.entries[name] = values if current is None else torch.cat([current, values], dim=-1)
+        self.state.entries.append(self.policy.initial_entries(self.state, count, self.length - 1))
 
     def see_tokens(self, token_ids, start: int) -> None:
         """The token ids at logical positions `start`, `start + 1`, ...: watches for the end-of-think marker.
@@ -219,11 +227,10 @@ class RequestEvictor:
     def _apply(self, decision: Decision) -> None:
         keep = decision.keep
         before = self.valid.sum(-1)
-        self.positions = torch.gather(self.positions, -1, keep)
-        valid = torch.gather(self.valid, -1, keep)
-        self.valid = valid if decision.keep_valid is None else valid & decision.keep_valid
-        for name, values in self.state.entries.items():
-            self.state.entries[name] = torch.gather(values, -1, keep)
+        self._row.gather(keep)
+        self.state.entries.gather(keep)
+        if decision.keep_valid is not None:
+            self.valid.logical_and_(decision.keep_valid)
         self.stats.evicted += int((before - self.valid.sum(-1)).sum()) // max(1, before.numel())
         self.stats.evictions += 1
 

@@ -50,11 +50,10 @@ def policy_signal(name: str) -> Signal:
         heads, length, _ = rows.shape
         policy = create_policy(make_spec(name, Budget(entries=length), {"protect_prompt": False}))
         state = policy.new_state(CacheShape(layers=1, kv_heads=heads, group=1, head_dim=1))
-        state.entries = policy.initial_entries(state, prompt, prompt - 1)
+        state.entries.append(policy.initial_entries(state, prompt, prompt - 1))
         result = torch.zeros(heads, length, length)
         for step in range(prompt, length):
-            for key, values in policy.initial_entries(state, 1, step).items():
-                state.entries[key] = torch.cat([state.entries[key], values], dim=-1)
+            state.entries.append(policy.initial_entries(state, 1, step))
             valid = torch.ones(1, heads, step + 1, dtype=torch.bool)
             policy.observe(state, StepScores(attention=rows[None, :, step, : step + 1]), step, valid)
             positions = torch.arange(step + 1).expand(1, heads, step + 1)

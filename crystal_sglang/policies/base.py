@@ -3,7 +3,7 @@
 A policy sees one request's cache as a grid of entries `[layers, kv_heads, n]`: entry `i` of head `(l, h)` is
 whatever token that head keeps in the request's `i`-th cache slot (heads may keep different tokens in the same
 slot). Per-entry statistics live in `PolicyState.entries` and follow the entries through appends and
-compactions without the policy doing anything. What the policy must be fed each step is declared in `needs`;
+compactions without the policy doing anything; the policy updates them in place. What the policy must be fed each step is declared in `needs`;
 the integration (the transformers reference path or the SGLang patches) computes it with the score kernel.
 
 Nothing here imports SGLang.
@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from crystal_sglang.columns import EntryColumns
 from crystal_sglang.config import EvictionSpec
 from crystal_sglang.rotary import RotaryShift
 
@@ -181,12 +182,13 @@ class Decision:
 
 @dataclass
 class PolicyState:
-    """One request's policy state. Tensors in `entries` are [L, H, n] and are appended and gathered with the cache."""
+    """One request's policy state. Tensors in `entries` are [L, H, n], appended and gathered with the cache: views,
+    updated in place."""
 
     shape: CacheShape
     device: torch.device
     budget: int = 0  # the request's per-head budget, kept current by the evictor
-    entries: dict[str, torch.Tensor] = field(default_factory=dict)
+    entries: EntryColumns = field(default_factory=EntryColumns)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -20,7 +20,7 @@ class H2O(EvictionPolicy):
         return {"received": torch.zeros(shape, dtype=torch.float64, device=state.device)}
 
     def observe(self, state: PolicyState, scores: StepScores, step: int, valid: torch.Tensor) -> None:
-        state.entries["received"] = state.entries["received"] + scores.attention.masked_fill(~valid, 0.0)
+        state.entries["received"].add_(scores.attention.masked_fill(~valid, 0.0))
 
     def priority(self, state: PolicyState, selection: SelectionInput) -> torch.Tensor:
         return state.entries["received"]

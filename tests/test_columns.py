@@ -1,0 +1,71 @@
+"""The per-entry tensors' storage: appends into spare capacity and compactions agree with concatenating and
+gathering whole tensors, in-place writes stick, and a step's append does not reallocate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crystal_sglang.columns import EntryColumns
+
+LAYERS, HEADS = 2, 3
+
+
+def _columns(start: int, count: int) -> dict[str, torch.Tensor]:
+    positions = torch.arange(start, start + count).expand(LAYERS, HEADS, count)
+    return {"positions": positions, "score": positions.to(torch.float64) * 0.5}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 150), st.integers(0, 2**31 - 1)), min_size=1, max_size=25))
+def test_appends_and_gathers_match_concatenation(operations):
+    table, expected, appended = EntryColumns(), {}, 0
+    for compact, size, seed in operations:
+        if compact and table.count:
+            generator = torch.Generator().manual_seed(seed)
+            kept = 1 + seed % table.count
+            keep = torch.stack(
+                [torch.randperm(table.count, generator=generator)[:kept] for _ in range(LAYERS * HEADS)]
+            ).view(LAYERS, HEADS, kept)
+            table.gather(keep)
+            expected = {name: torch.gather(values, -1, keep) for name, values in expected.items()}
+        else:
+            new = _columns(appended, size)
+            table.append(new)
+            expected = {name: torch.cat([expected[name], values], -1) if expected else values
+                        for name, values in new.items()}  # fmt: skip
+            appended += size
+        assert table.count == expected["positions"].shape[-1]
+        for name, values in expected.items():
+            assert torch.equal(table[name], values)
+
+
+def test_in_place_writes_follow_the_entries():
+    table = EntryColumns()
+    table.append(_columns(0, 5))
+    table["score"][:, :, 3].add_(100.0)  # a view: the write lands in the storage
+    table.append(_columns(5, 1))
+    table.gather(torch.tensor([3, 5]).expand(LAYERS, HEADS, 2))
+    assert table["score"][0, 0].tolist() == [101.5, 2.5]
+    assert table["positions"][1, 2].tolist() == [3, 5]
+
+
+def test_a_decode_step_appends_without_reallocating():
+    table = EntryColumns()
+    table.append(_columns(0, 2048))
+    storage = table["score"].untyped_storage().data_ptr()
+    for step in range(2048, 2048 + 64):
+        table.append(_columns(step, 1))
+    assert table["score"].untyped_storage().data_ptr() == storage
+    assert table.count == 2048 + 64
+
+
+def test_appending_other_names_is_refused():
+    table = EntryColumns()
+    table.append(_columns(0, 2))
+    with pytest.raises(ValueError, match="appended to tensors"):
+        table.append({"positions": torch.zeros(LAYERS, HEADS, 1, dtype=torch.int64)})
+    with pytest.raises(TypeError):
+        table["score"] = torch.zeros(LAYERS, HEADS, 2)  # a replaced tensor would stop following the entries
