@@ -17,6 +17,23 @@ from crystal_sglang.quantization import fake_quantize_keys, fake_quantize_values
 from crystal_sglang.rotary import RotaryShift
 
 
+def pool_refusal(kv_pool) -> str | None:
+    """Why eviction cannot move this KV pool's entries, or None. `PoolView.apply` moves one key row and one value
+    row per (slot, head) in each layer's buffers: SGLang's plain `MHATokenToKVPool`, unquantized. Other pools keep
+    more per slot (per-token scales, MLA's latents) or map slots between pools (sliding-window and hybrid
+    linear-attention models), and a move there would lose or corrupt entries."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    if type(kv_pool) is not MHATokenToKVPool:
+        found = f"this model's KV cache is {type(kv_pool).__name__}"
+    elif kv_pool.is_quantized_kv_cache:
+        found = f"this one is quantized with scales ({kv_pool.quant_method.name})"
+    else:
+        return None
+    return (f"moves entries of SGLang's MHATokenToKVPool (one key and one value per head and slot, no scales), and "
+            f"{found}: serve this model with --kv-evict none")
+
+
 class PoolView:
     """The scheduler's KV pool, request table and prefix cache, addressed by request."""
 

@@ -57,6 +57,12 @@ def refusal(server_args, spec: EvictionSpec) -> str | None:
                 f"(--speculative-algorithm {server_args.speculative_algorithm}): drop one of them")
     if server_args.enable_mixed_chunk:
         return f"--kv-evict {spec.policy} cannot run with --enable-mixed-chunk: drop that flag"
+    mode = server_args.disaggregation_mode
+    for flag, chosen in (("--enable-hierarchical-cache", server_args.enable_hierarchical_cache),
+                         (f"--disaggregation-mode {mode}", mode != "null")):  # fmt: skip
+        if chosen:
+            return (f"--kv-evict {spec.policy} is not built for {flag} (it moves and frees pool slots that this also "
+                    "manages; never tested together): drop that flag or serve with --kv-evict none")
     for name, flag in (("tp_size", "--tp-size"), ("pp_size", "--pp-size"), ("dp_size", "--dp-size")):
         value = getattr(server_args, name, 1) or 1
         if value > 1:

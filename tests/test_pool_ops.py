@@ -1,9 +1,11 @@
-"""The compaction of one request's row in the pool, on stand-in pools (the real ones run in the server tests)."""
+"""The compaction of one request's row in the pool, on stand-in pools (the real ones run in the server tests); which
+of SGLang's real pools eviction accepts."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -83,3 +85,19 @@ def test_filling_holes_keeps_the_set_moves_only_what_was_behind(seed, n, heads, 
             stay = keep[layer, head][front[layer, head]]
             assert torch.equal(filled[layer, head][stay], stay)
     assert int((filled != torch.arange(k)).sum(-1).max()) <= n - k
+
+
+def test_only_sglangs_plain_mha_pool_is_accepted():
+    """Real SGLang pools: the MHA pool passes; MLA's latent cache and an MHA pool with per-token scales are refused
+    by name, with what to do."""
+    memory_pool = pytest.importorskip("sglang.srt.mem_cache.memory_pool")
+    from sglang.srt.layers.quantization.fp4_kv_cache_quant_method import CPUFP8KVCacheMethod
+
+    from crystal_sglang.patches.pool_ops import pool_refusal
+
+    common = dict(size=16, page_size=1, dtype=torch.float32, layer_num=2, device="cpu", enable_memory_saver=False)
+    assert pool_refusal(memory_pool.MHATokenToKVPool(head_num=2, head_dim=4, **common)) is None
+    latent = memory_pool.MLATokenToKVPool(kv_lora_rank=8, qk_rope_head_dim=4, **common)
+    assert "this model's KV cache is MLATokenToKVPool: serve this model with --kv-evict none" in pool_refusal(latent)
+    scaled = memory_pool.MHATokenToKVPool(head_num=2, head_dim=4, quant_method=CPUFP8KVCacheMethod(), **common)
+    assert "quantized with scales (cpu_fp8_e4m3)" in pool_refusal(scaled)

@@ -38,6 +38,8 @@ def test_help_lists_the_flags():
         (["--kv-evict", "rkv", "--speculative-algorithm", "EAGLE"], "cannot run with speculative decoding"),
         (["--kv-evict", "h2o", "--enable-mixed-chunk"], "cannot run with --enable-mixed-chunk"),
         (["--kv-evict", "crystal", "--tp-size", "2"], "runs on one rank only"),
+        (["--kv-evict", "crystal", "--enable-hierarchical-cache"], "is not built for --enable-hierarchical-cache"),
+        (["--kv-evict", "crystal", "--disaggregation-mode", "decode"], "is not built for --disaggregation-mode decode"),
     ],
 )
 def test_bad_settings_are_refused_at_start_up(args, message, tmp_path):
