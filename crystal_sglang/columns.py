@@ -51,6 +51,19 @@ class EntryColumns(Mapping):
             buffer[..., self.count : needed] = values
         self.count = needed
 
+    def storage(self, name: str) -> torch.Tensor:
+        """The whole buffer behind `self[name]`, flat (spare capacity included), for updates through `where`."""
+        return self._buffers[name].view(-1)
+
+    def where(self, mask: torch.Tensor) -> torch.Tensor:
+        """Indices into every `storage` of the entries `mask` [L, H, n] marks: one flat index per entry, as cheap
+        to update through as a contiguous tensor (indexing the views by three index tensors costs a third more)."""
+        if mask.shape[-1] != self.count:
+            raise ValueError(f"a mask over {mask.shape[-1]} entries for tensors holding {self.count}")
+        capacity = next(iter(self._buffers.values())).shape[-1]  # the buffers grow together
+        rows, columns = mask.reshape(-1, self.count).nonzero(as_tuple=True)
+        return rows * capacity + columns
+
     def gather(self, keep: torch.Tensor) -> None:
         """Keep, per (layer, head), the entries at `keep` [L, H, k] (column indices), in that order."""
         kept = keep.shape[-1]

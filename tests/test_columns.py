@@ -1,5 +1,6 @@
 """The per-entry tensors' storage: appends into spare capacity and compactions agree with concatenating and
-gathering whole tensors, in-place writes stick, and a step's append does not reallocate."""
+gathering whole tensors, in-place writes stick (through the views and through flat indices), and a step's append
+does not reallocate."""
 
 from __future__ import annotations
 
@@ -69,3 +70,20 @@ def test_appending_other_names_is_refused():
         table.append({"positions": torch.zeros(LAYERS, HEADS, 1, dtype=torch.int64)})
     with pytest.raises(TypeError):
         table["score"] = torch.zeros(LAYERS, HEADS, 2)  # a replaced tensor would stop following the entries
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 200), st.integers(1, 80), st.integers(0, 2**31 - 1))
+def test_flat_indices_update_exactly_the_marked_entries(held, added, seed):
+    """What `where` names in `storage` is what the mask marks in the views, with capacity spare or not."""
+    table = EntryColumns()
+    table.append(_columns(0, held))
+    table.append(_columns(held, added))
+    mask = torch.rand((LAYERS, HEADS, table.count), generator=torch.Generator().manual_seed(seed)) < 0.3
+    expected = table["score"].clone()
+    expected[mask] += 1000.0
+    table.storage("score")[table.where(mask)] += 1000.0
+    assert torch.equal(table["score"], expected)
+    assert torch.equal(table["positions"], _columns(0, held + added)["positions"])
+    with pytest.raises(ValueError, match="a mask over"):
+        table.where(mask[..., :-1])

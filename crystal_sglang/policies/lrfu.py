@@ -62,12 +62,12 @@ class CrystalLite(EvictionPolicy):
         }
 
     def observe(self, state: PolicyState, scores: StepScores, step: int, valid: torch.Tensor) -> None:
-        # Only the nucleus changes (a small share of the entries), so update it in place through its indices.
-        crf, tau = state.entries["crf"], state.entries["tau"]
-        hit = scores.nucleus(self.params.top_p).nonzero(as_tuple=True)
+        # Only the nucleus changes (a small share of the entries), so update it in place through flat indices.
+        crf, tau = state.entries.storage("crf"), state.entries.storage("tau")
+        hit = state.entries.where(scores.nucleus(self.params.top_p))
         last = tau[hit]
         earlier = last < step  # an entry created this step has had its first hit already
-        hit, last = tuple(index[earlier] for index in hit), last[earlier]
+        hit, last = hit[earlier], last[earlier]
         crf[hit] = crf[hit] * torch.pow(self.params.lam, (step - last).to(torch.float64)) + 1.0
         tau[hit] = step
 
