@@ -34,6 +34,20 @@ def pool_refusal(kv_pool) -> str | None:
             f"{found}: serve this model with --kv-evict none")
 
 
+def sliding_window_refusal(model) -> str | None:
+    """Why eviction cannot serve a model with sliding-window attention, or None. SGLang's backends window a row's
+    last slots, not its last positions: after a compaction those slots reach further back than the model's window."""
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    windowed = sorted(module.layer_id for module in model.modules()
+                      if isinstance(module, RadixAttention) and module.sliding_window_size > -1)  # fmt: skip
+    if not windowed:
+        return None
+    return (f"cannot serve a model with sliding-window attention (layers {', '.join(map(str, windowed))}): SGLang "
+            "windows a row's last slots, which eviction fills with tokens from further back; serve this model with "
+            "--kv-evict none")
+
+
 class PoolView:
     """The scheduler's KV pool, request table and prefix cache, addressed by request."""
 

@@ -37,7 +37,7 @@ from crystal_sglang.kernels.scores import extract_scores, score_backend
 from crystal_sglang.policies import create_policy, make_spec, policy_class
 from crystal_sglang.policies.base import SPARSITY_THRESHOLD, CacheShape, ScoreNeeds, StepBatch, StepScores
 from crystal_sglang.patches.observability import EvictionMetrics, PoolSavings
-from crystal_sglang.patches.pool_ops import PoolSelectionContext, PoolView, pool_refusal
+from crystal_sglang.patches.pool_ops import PoolSelectionContext, PoolView, pool_refusal, sliding_window_refusal
 from crystal_sglang.patches.rotary import served_rotary
 
 logger = logging.getLogger("crystal_sglang")
@@ -119,7 +119,7 @@ class EvictionRuntime:
         self.spec = spec
         self.tokenizer = scheduler.tokenizer
         kv_pool = scheduler.token_to_kv_pool_allocator.get_kvcache()
-        unsupported = pool_refusal(kv_pool)
+        unsupported = pool_refusal(kv_pool) or sliding_window_refusal(scheduler.tp_worker.model_runner.model)
         if unsupported is not None:
             raise ConfigError(f"--kv-evict {spec.policy} {unsupported}")
         self.pool = PoolView(kv_pool, scheduler.req_to_token_pool, scheduler.tree_cache)

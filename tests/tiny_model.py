@@ -96,6 +96,23 @@ def build_tiny_gpt2(out: Path, seed: int = 0) -> Path:
     return _save_random(GPT2LMHeadModel, config, out, seed)
 
 
+def build_tiny_gemma3(out: Path, seed: int = 0) -> Path:
+    """Write a Hugging Face folder for a 2-layer Gemma 3 text model: layer 0 attends through a sliding window of
+    32 tokens, layer 1 to everything."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out, vocab_size=512)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+        sliding_window=32, layer_types=["sliding_attention", "full_attention"],
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    return _save_random(Gemma3ForCausalLM, config, out, seed)
+
+
 def _save_random(model_class, config, out: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     model = model_class(config).to(torch.float32)
