@@ -70,30 +70,19 @@ def build_tiny_llama(out: Path, seed: int = 0) -> Path:
     """Write a Hugging Face folder (safetensors, config, tokenizer) for a 2-layer GQA Llama."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(out, vocab_size=512)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, rope_theta=10000.0,
-    )  # fmt: skip
-    return _save_random(LlamaForCausalLM, config, out, seed)
+    return _save_random(LlamaForCausalLM, out, seed, lambda ids: LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, max_position_embeddings=4096, tie_word_embeddings=False, rope_theta=10000.0, **ids,
+    ))  # fmt: skip
 
 
 def build_tiny_gpt2(out: Path, seed: int = 0) -> Path:
     """Write a Hugging Face folder for a 2-layer GPT-2: learned absolute positions, no rotary embedding."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(out, vocab_size=512)
-    config = GPT2Config(
-        vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=4096,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    return _save_random(GPT2LMHeadModel, config, out, seed)
+    return _save_random(GPT2LMHeadModel, out, seed, lambda ids: GPT2Config(
+        n_embd=64, n_layer=2, n_head=4, n_positions=4096, **ids,
+    ))  # fmt: skip
 
 
 def build_tiny_gemma3(out: Path, seed: int = 0) -> Path:
@@ -101,19 +90,23 @@ def build_tiny_gemma3(out: Path, seed: int = 0) -> Path:
     32 tokens, layer 1 to everything."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
+    return _save_random(Gemma3ForCausalLM, out, seed, lambda ids: Gemma3TextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, max_position_embeddings=4096, sliding_window=32,
+        layer_types=["sliding_attention", "full_attention"], **ids,
+    ))  # fmt: skip
+
+
+def _save_random(model_class, out: Path, seed: int, make_config) -> Path:
+    """The offline tokenizer, then `make_config(ids)` (ids: the vocabulary size and special token ids) with
+    seed-`seed` random weights, saved to `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out, vocab_size=512)
-    config = Gemma3TextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-        sliding_window=32, layer_types=["sliding_attention", "full_attention"],
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    return _save_random(Gemma3ForCausalLM, config, out, seed)
-
-
-def _save_random(model_class, config, out: Path, seed: int) -> Path:
+    config = make_config({
+        "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+    })  # fmt: skip
     torch.manual_seed(seed)
     model = model_class(config).to(torch.float32)
     with torch.no_grad():  # a larger spread than the default init makes greedy choices far from ties
