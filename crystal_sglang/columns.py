@@ -1,8 +1,8 @@
 """Per-entry tensors of one request, [L, H, n]: one column per cache entry, grown at the end, compacted together.
 
 A decode step appends one column. Concatenating would copy the whole row every step (0.55 ms at 2K entries for
-`crystal`'s bookkeeping, a third of its policy time in a decode step); here appends write into spare capacity,
-grown by half when full, so a step costs its own column and growth is amortised.
+`crystal`'s bookkeeping, a fifth of its work per request and step); here appends write into spare capacity, grown
+by half when full, so a step costs its own column and growth is amortised.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 A policy sees one request's cache as a grid of entries `[layers, kv_heads, n]`: entry `i` of head `(l, h)` is
 whatever token that head keeps in the request's `i`-th cache slot (heads may keep different tokens in the same
 slot). Per-entry statistics live in `PolicyState.entries` and follow the entries through appends and
-compactions without the policy doing anything; the policy updates them in place. What the policy must be fed each step is declared in `needs`;
-the integration (the transformers reference path or the SGLang patches) computes it with the score kernel.
+compactions without the policy doing anything; the policy updates them in place. What the policy must be fed each
+step is declared in `needs`; the integration (the transformers reference path or the SGLang patches) computes it
+with the score kernel.
 
 Nothing here imports SGLang.
 """
