@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, StoppingCriteria
 
+from crystal_sglang.config import ConfigError
 from crystal_sglang.kernels.score_reference import attention_logits, score_dense
 from crystal_sglang.policies import POLICIES, POLICY_NAMES
 from crystal_sglang.reference import cache as reference_cache
@@ -23,7 +24,7 @@ from tests.policy_helpers import (
     check_every_decision,
     make_test_spec,
 )
-from tests.tiny_model import RANDOM_LLAMA, random_llama
+from tests.tiny_model import RANDOM_LLAMA, build_tiny_gemma3, random_llama
 
 CONFIG = RANDOM_LLAMA
 SHAPE = cache_shape(CONFIG)
@@ -304,6 +305,18 @@ def test_generate_refuses_rows_rotated_at_wrong_positions(model, calibration):
     cache = EvictingCache(CONFIG, rows, rotary=model_rotary(model))
     with pytest.raises(ValueError, match="row 1: token 7 is rotated at position 1: rotate every row at its own"):
         generate(model, input_ids, 4, cache, attention_mask=attention_mask)
+
+
+def test_a_model_with_windowed_attention_is_refused(tmp_path, calibration):
+    """A Gemma 3 layer attends through a sliding window; attending every held entry would ignore it, so the cache
+    refuses at the first layer that passes one, whatever the policy and budget."""
+    from transformers import Gemma3ForCausalLM
+
+    gemma = Gemma3ForCausalLM.from_pretrained(build_tiny_gemma3(tmp_path / "tiny-gemma3")).eval()
+    rows = [RowRequest(row_spec("none", 64, calibration), PROMPT, PROMPT + 4)]
+    cache = EvictingCache(gemma.config, rows, rotary=model_rotary(gemma))
+    with pytest.raises(ConfigError, match="layer 0 of this model attends with a sliding window, which the reference"):
+        generate(gemma, torch.randint(1, 250, (1, PROMPT)), 4, cache)
 
 
 def test_evicting_rows_batched_keep_what_they_keep_alone(model, calibration):

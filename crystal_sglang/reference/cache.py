@@ -14,7 +14,8 @@ Positions stay logical: `get_seq_length()` reports tokens seen, not entries held
 rotates every new token at its true position. Rows of different prompt lengths cannot go through `generate()`
 (it reads the first token's logits at the padding of the short rows and restarts their positions): drive them with
 a decode loop that reads each row's logits at its own last prompt token and passes `position_ids`
-(`prefill_position_ids()`, then each row's token count). Attention refuses any rotation that is not logical.
+(`prefill_position_ids()`, then each row's token count). Attention refuses any rotation that is not logical, and
+a model whose layers window, cap or add sinks to their attention (it attends every entry a row holds).
 """
 
 from __future__ import annotations
@@ -397,10 +398,20 @@ class EvictingCache(Cache):
         self.entries[row] = k
 
 
+# Attention arguments of transformers' models that change what a layer attends to, which `attend` does not apply.
+_UNAPPLIED_ATTENTION = {"sliding_window": "a sliding window", "softcap": "soft-capped logits",
+                        "s_aux": "learned attention sinks"}  # fmt: skip
+
+
 def crystal_kv_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     cache = _active_cache.get()
     if cache is None:
         raise RuntimeError("crystal_kv attention runs only with an EvictingCache as past_key_values")
+    unapplied = [what for name, what in _UNAPPLIED_ATTENTION.items() if kwargs.get(name) is not None]
+    if unapplied:
+        raise ConfigError(f"layer {module.layer_idx} of this model attends with {' and '.join(unapplied)}, which the "
+                          "reference path does not apply (it attends every entry a row holds): decode this model "
+                          "without an EvictingCache")
     return cache.attend(module, query, key, value, scaling, kwargs.get("position_ids")), None
 
 
