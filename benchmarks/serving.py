@@ -292,6 +292,8 @@ def plot(report: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, panels, figsize=(4 * panels, 3.5), squeeze=False)
     for axis, (key, label) in zip(axes[0], metrics):
         axis.bar(names, [capacity[name][key] for name in names], color=["grey", *["tab:blue"] * (len(names) - 1)])
+        if len(names) > 3:  # many policies: slanted names, each ending under its bar
+            plt.setp(axis.get_xticklabels(), rotation=45, ha="right", rotation_mode="anchor", fontsize=8)
         axis.set_title(label)
     if overhead:
         axis = axes[0][len(metrics)]
