@@ -51,6 +51,11 @@ class EntryColumns(Mapping):
             buffer[..., self.count : needed] = values
         self.count = needed
 
+    @property
+    def nbytes(self) -> int:
+        """Memory the buffers hold, spare capacity included."""
+        return sum(buffer.numel() * buffer.element_size() for buffer in self._buffers.values())
+
     def storage(self, name: str) -> torch.Tensor:
         """The whole buffer behind `self[name]`, flat (spare capacity included), for updates through `where`."""
         return self._buffers[name].view(-1)

@@ -101,6 +101,14 @@ class RequestEvictor:
         """[L, H, n] whether the head holds its slot (per-head budgets leave holes)."""
         return self._row["valid"]
 
+    @property
+    def state_bytes(self) -> int:
+        """Memory this request's eviction holds beside its KV entries: per-entry positions, validity and the
+        policy's statistics (spare capacity included), and the tensors the policy keeps (query windows)."""
+        kept = sum(value.numel() * value.element_size() for value in self.state.extra.values()
+                   if isinstance(value, torch.Tensor))  # fmt: skip
+        return self._row.nbytes + self.state.entries.nbytes + kept
+
     def append(self, count: int = 1) -> None:
         """`count` new tokens entered every head's cache at the next logical positions."""
         start = self.length

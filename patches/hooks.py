@@ -164,8 +164,9 @@ META_INFO_KEY = "kv_evict"
 
 
 def eviction_meta_info(_streamer, reqs, *args, **kwargs) -> dict[str, list]:
-    """Per emitted request: policy, budget, retained and evicted entries. SGLang accumulates these lists over a
-    request's emissions, so the response's `meta_info["kv_evict"][-1]` is the latest."""
+    """Per emitted request: policy, budget, retained and evicted entries, evictions and the bytes of eviction state
+    (`EvictionRuntime.request_info`). SGLang accumulates these lists over a request's emissions, so the response's
+    `meta_info["kv_evict"][-1]` is the latest."""
     infos = [_runtime.request_info(req) for req in reqs]
     return {META_INFO_KEY: [[] if info is None else [info] for info in infos]}
 

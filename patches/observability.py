@@ -1,10 +1,11 @@
 """Pool savings where SGLang reports pool usage: the decode log line and the Prometheus metrics (`--enable-metrics`).
 
 "Saved" counts the KV slots the running requests would hold without eviction minus the slots they hold: the memory
-eviction gave back to the allocator for other requests. The time share is eviction's part of the decode steps'
-wall time (scoring, observe, decide, compaction), measured inside each step. The metrics are created in the
-scheduler process with the labels of SGLang's own scheduler metrics, so `/metrics` shows them beside
-`sglang:token_usage`.
+eviction gave back to the allocator for other requests. "State" is the memory eviction itself holds for them beside
+the pool (per-entry positions and policy statistics, query windows), which SGLang's pool sizing does not count. The
+time share is eviction's part of the decode steps' wall time (scoring, observe, decide, compaction), measured inside
+each step. The metrics are created in the scheduler process with the labels of SGLang's own scheduler metrics, so
+`/metrics` shows them beside `sglang:token_usage`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ PREFIX = "crystal_kv"
 class PoolSavings:
     saved: int = 0  # slots given back by eviction, over the running requests
     retained: int = 0  # slots the evicting requests hold
+    state_bytes: int = 0  # eviction's own memory beside the pool, over the tracked requests
 
 
 class EvictionMetrics:
@@ -27,22 +29,24 @@ class EvictionMetrics:
         from prometheus_client import Counter, Gauge  # after SGLang set PROMETHEUS_MULTIPROC_DIR, as its own code does
 
         names, labels = list(collector.labels), dict(collector.labels)
-        self.saved = Gauge(f"{PREFIX}:saved_tokens", "KV slots the running requests would hold without eviction, "
-                           "minus those they hold.", labelnames=names, multiprocess_mode="mostrecent")  # fmt: skip
-        self.retained = Gauge(f"{PREFIX}:retained_tokens", "KV slots held by the requests that evict.",
-                              labelnames=names, multiprocess_mode="mostrecent")  # fmt: skip
-        self.evicted = Counter(f"{PREFIX}:evicted_tokens", "KV slots freed by eviction.", labelnames=names)
-        self.relieved = Counter(f"{PREFIX}:pressure_reliefs", "Times budgets were halved instead of retracting.",
-                                labelnames=names)  # fmt: skip
-        self.policy_seconds = Counter(f"{PREFIX}:policy_seconds", "Wall time of eviction work in decode steps.",
-                                      labelnames=names)  # fmt: skip
-        self.decode_seconds = Counter(f"{PREFIX}:decode_seconds", "Wall time of the decode steps (forward pass to "
-                                      "the end of eviction).", labelnames=names)  # fmt: skip
-        # The series exist (at 0) from the start, so a scrape before the first eviction sees them.
-        self.saved, self.retained, self.evicted, self.relieved, self.policy_seconds, self.decode_seconds = (
-            metric.labels(**labels) for metric in
-            (self.saved, self.retained, self.evicted, self.relieved, self.policy_seconds, self.decode_seconds)
-        )  # fmt: skip
+
+        def gauge(name: str, meaning: str):
+            return Gauge(f"{PREFIX}:{name}", meaning, labelnames=names, multiprocess_mode="mostrecent").labels(**labels)
+
+        def counter(name: str, meaning: str):
+            return Counter(f"{PREFIX}:{name}", meaning, labelnames=names).labels(**labels)
+
+        # Labelled at once, so the series exist (at 0) from the start and a scrape before the first eviction sees them.
+        self.saved = gauge("saved_tokens", "KV slots the running requests would hold without eviction, minus those "
+                           "they hold.")  # fmt: skip
+        self.retained = gauge("retained_tokens", "KV slots held by the requests that evict.")
+        self.state_bytes = gauge("state_bytes", "Memory eviction holds beside the KV pool for the running requests: "
+                                 "per-entry positions and statistics, query windows.")  # fmt: skip
+        self.evicted = counter("evicted_tokens", "KV slots freed by eviction.")
+        self.relieved = counter("pressure_reliefs", "Times budgets were halved instead of retracting.")
+        self.policy_seconds = counter("policy_seconds", "Wall time of eviction work in decode steps.")
+        self.decode_seconds = counter("decode_seconds", "Wall time of the decode steps (forward pass to the end of "
+                                      "eviction).")  # fmt: skip
         self._clock_seen = (0.0, 0.0)
 
     @classmethod
@@ -53,6 +57,7 @@ class EvictionMetrics:
     def record(self, savings: PoolSavings, freed: int, reliefs: int, clock) -> None:
         self.saved.set(savings.saved)
         self.retained.set(savings.retained)
+        self.state_bytes.set(savings.state_bytes)
         self.evicted.inc(freed)
         self.relieved.inc(reliefs)
         self.policy_seconds.inc(clock.policy - self._clock_seen[0])

@@ -248,7 +248,8 @@ class EvictionRuntime:
 
     def savings(self) -> PoolSavings:
         held = [tracked.evictor for tracked in self.tracked.values()]
-        return PoolSavings(saved=sum(e.length - e.entries for e in held), retained=sum(e.entries for e in held))
+        return PoolSavings(saved=sum(e.length - e.entries for e in held), retained=sum(e.entries for e in held),
+                           state_bytes=sum(e.state_bytes for e in held))  # fmt: skip
 
     def _step_request(self, req, i: int, n: int, step: StepBatch | None) -> int:
         """Feed one request its step and apply its decision; returns the entries its row holds afterwards."""
@@ -408,6 +409,7 @@ class EvictionRuntime:
         return {
             "policy": evictor.spec.policy, "budget": evictor.budget, "retained": evictor.entries,
             "evicted": evictor.length - evictor.entries, "evictions": evictor.stats.evictions,
+            "state_bytes": evictor.state_bytes,
         }  # fmt: skip
 
     def _unservable(self, spec: EvictionSpec) -> str | None:

@@ -63,6 +63,15 @@ def test_a_decode_step_appends_without_reallocating():
     assert table.count == 2048 + 64
 
 
+def test_memory_counts_the_spare_capacity():
+    table = EntryColumns()
+    assert table.nbytes == 0
+    table.append(_columns(0, 10))  # room for 10 + 64 columns: int64 positions, float64 scores
+    assert table.nbytes == LAYERS * HEADS * 74 * (8 + 8)
+    table.gather(torch.zeros(LAYERS, HEADS, 3, dtype=torch.int64))
+    assert table.nbytes == LAYERS * HEADS * 74 * (8 + 8)  # compaction keeps the buffers
+
+
 def test_appending_other_names_is_refused():
     table = EntryColumns()
     table.append(_columns(0, 2))

@@ -232,6 +232,18 @@ def test_a_request_that_cannot_outgrow_its_budget_is_not_observed(policy, calibr
     assert [evictor.observing(n) for n in range(1, 45)] == [expected] * 44
 
 
+@pytest.mark.parametrize(("policy", "per_entry", "kept"), [
+    ("crystal", 8 + 1 + 8 + 8, 0),  # positions, validity, CRF, last hit
+    ("streamingllm", 8 + 1, 0),
+    # a ring of 128 rotated queries per layer (bfloat16) and the step each was asked at
+    ("crystal-lookahead", 8 + 1 + 8 + 8, 128 * (SHAPE.layers * SHAPE.q_heads * SHAPE.head_dim * 2 + 8)),
+])  # fmt: skip
+def test_the_state_a_request_holds_is_its_entries_and_its_policys_tensors(policy, per_entry, kept, calibration):
+    evictor = make_evictor(make_test_spec(policy, 40, calibration), 10, 200)
+    evictor.append(10)  # the prompt: room for 10 + 64 entries per (layer, KV head)
+    assert evictor.state_bytes == SHAPE.layers * SHAPE.kv_heads * 74 * per_entry + kept
+
+
 @pytest.mark.parametrize("policy", ["crystal", "crystal-lite"])
 @pytest.mark.parametrize("history", [1, 5, 30, None])
 def test_lrfu_observes_from_history_steps_before_its_first_eviction(policy, history):

@@ -113,6 +113,9 @@ def test_pool_savings_in_the_log_line_and_metrics(server):
     grown = {name: after[name] - before.get(name, 0.0) for name in after if name.startswith("crystal_kv:")}
     assert grown["crystal_kv:evicted_tokens_total"] >= evicted
     assert after["crystal_kv:saved_tokens"] >= 0 and "crystal_kv:retained_tokens" in after
+    # Eviction's own memory: reported per request, and released with it (the gauge is over the running requests).
+    assert reply["meta_info"]["kv_evict"][-1]["state_bytes"] > 0
+    assert after["crystal_kv:state_bytes"] == 0
     saved = [int(value) for value in decode_line_parts(server, "#kv-evict saved token")]
     assert saved and max(saved) > 0, "the decode log line does not show the slots eviction saved"
     # Eviction's time: a part of the decode steps it ran in, in the metrics and in the log line.
