@@ -42,18 +42,21 @@ OVERHEAD_TOKENS = 48  # new tokens per request in the overhead sweep: two evicti
 
 
 def stream_one(base_url: str, payload: dict, on_token=None) -> dict:
-    """One streamed /generate request: time to first token, gaps between tokens, tokens produced.
+    """One streamed /generate request: time to first token, gaps between tokens, tokens produced, and the largest
+    memory its eviction held beside the pool (`state_bytes` of its chunks' meta info; 0 when it did not evict).
     `on_token(count)` is called as the count of streamed tokens grows."""
     request = urllib.request.Request(base_url + "/generate", data=json.dumps({**payload, "stream": True}).encode(),
                                      headers={"Content-Type": "application/json"})
     begin = time.monotonic()
-    stamps, tokens = [], 0
+    stamps, tokens, state_bytes = [], 0, 0
     with urllib.request.urlopen(request, timeout=3600) as response:
         for raw in response:
             line = raw.decode().strip()
             if not line.startswith("data:") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[5:])
+            eviction = chunk["meta_info"].get("kv_evict") or [{}]
+            state_bytes = max(state_bytes, eviction[-1].get("state_bytes", 0))
             count = chunk["meta_info"]["completion_tokens"]
             if count > tokens:
                 stamps.append(time.monotonic())
@@ -61,7 +64,7 @@ def stream_one(base_url: str, payload: dict, on_token=None) -> dict:
                 if on_token is not None:
                     on_token(count)
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"ttft": stamps[0] - begin if stamps else None, "gaps": gaps, "tokens": tokens}
+    return {"ttft": stamps[0] - begin if stamps else None, "gaps": gaps, "tokens": tokens, "state_bytes": state_bytes}
 
 
 def run_workload(server: SGLangServer, prompts: list[str], new_tokens: int) -> dict:
@@ -98,6 +101,7 @@ def run_workload(server: SGLangServer, prompts: list[str], new_tokens: int) -> d
         "completed": sum(result["tokens"] == new_tokens for result in results),
         "peak_running": max(load["num_running_reqs"] for load in loads),
         "peak_used_tokens": max(load["num_used_tokens"] for load in loads),
+        "state_bytes_per_request": max(result["state_bytes"] for result in results),
         "ttft_p50": statistics.median(ttfts), "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
         "itl_p50": statistics.median(gaps), "itl_p99": gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))],
     }  # fmt: skip
@@ -210,7 +214,8 @@ def measure_capacity(report: dict, save, model, device: list[str], policies: lis
         save()
         print(f"{policy:>14}: {result['output_tok_per_s']:.1f} tok/s, peak running {result['peak_running']}, "
               f"retractions {result['retractions']}, TTFT p50 {result['ttft_p50']:.2f} s, "
-              f"ITL p50 {result['itl_p50'] * 1000:.0f} ms, leaked slots {result['leaked_slots']}", flush=True)
+              f"ITL p50 {result['itl_p50'] * 1000:.0f} ms, leaked slots {result['leaked_slots']}, eviction state "
+              f"{result['state_bytes_per_request'] / 1e3:.0f} KB per request", flush=True)
 
 
 def measure_overhead(report: dict, save, model, device: list[str], policy: str, filler: list[int],

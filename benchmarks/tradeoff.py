@@ -59,6 +59,9 @@ def joined_rows(servings: list[dict], fidelity: dict[str, dict[str, float]]) -> 
             "throughput_ratios": [run["output_tok_per_s"] / base["output_tok_per_s"] for run, base in zip(runs, bases)],
             "peak_running": max(run["peak_running"] for run in runs),
             "peak_ratio": mean(run["peak_running"] / base["peak_running"] for run, base in zip(runs, bases)),
+            # Reports made before the serving benchmark read it lack it.
+            "state_bytes": max((run["state_bytes_per_request"] for run in runs if "state_bytes_per_request" in run),
+                               default=None),
             "retractions": sum(run["retractions"] for run in runs),
             "leaked_slots": sum(run["leaked_slots"] for run in runs),
         })  # fmt: skip
@@ -68,17 +71,21 @@ def joined_rows(servings: list[dict], fidelity: dict[str, dict[str, float]]) -> 
 
 
 def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells; the eviction state's column only where a serving report measured it."""
+
     def number(value, form: str) -> str:
         return "-" if value is None else form.format(value)
 
+    with_state = any(row["state_bytes"] is not None for row in rows)
     header = ["policy", "top-1 (answer part)", "mean KL", "output tok/s per run (mean x none)", "peak running (x none)",
-              "retractions", "leaked slots"]  # fmt: skip
+              *(["eviction state per request"] if with_state else []), "retractions", "leaked slots"]  # fmt: skip
     body = [[
         row["policy"],
         f"{number(row['top1_agreement'], '{:.3f}')} ({number(row['answer_top1_agreement'], '{:.3f}')})",
         number(row["mean_kl"], "{:.3f}"),
         f"{' / '.join(f'{value:.1f}' for value in row['tok_per_s'])} ({row['throughput_ratio']:.2f}x)",
         f"{row['peak_running']} ({row['peak_ratio']:.0f}x)",
+        *([number(row["state_bytes"] and row["state_bytes"] / 1e3, "{:.0f} KB")] if with_state else []),
         str(row["retractions"]), str(row["leaked_slots"]),
     ] for row in rows]  # fmt: skip
     return header, body

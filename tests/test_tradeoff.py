@@ -54,6 +54,16 @@ def test_ratios_are_taken_within_each_run_and_unmeasured_fidelity_stays_empty():
     assert by_policy["random"]["top1_agreement"] is None
     header, body = tradeoff.table(rows)
     assert body[2][1:3] == ["- (-)", "-"] and body[1][3] == "120.0 / 100.0 (2.50x)"
+    assert "eviction state per request" not in header  # runs made before the serving benchmark read it
+
+
+def test_the_eviction_state_is_the_largest_any_run_read():
+    runs = [{"capacity": {"none": served(40.0, 4), "crystal": served(120.0, 16)}} for _ in range(2)]
+    for run, state in zip(runs, [340_000, 350_000]):
+        run["capacity"]["none"]["state_bytes_per_request"] = 0
+        run["capacity"]["crystal"]["state_bytes_per_request"] = state
+    header, body = tradeoff.table(tradeoff.joined_rows(runs, {}))
+    assert header[5] == "eviction state per request" and [row[5] for row in body] == ["0 KB", "350 KB"]
 
 
 def test_a_serving_report_without_the_full_cache_is_refused():
