@@ -2,7 +2,8 @@
 
 A decode step appends one column. Concatenating would copy the whole row every step (0.55 ms at 2K entries for
 `crystal`'s bookkeeping, a fifth of its work per request and step); here appends write into spare capacity, grown
-by half when full, so a step costs its own column and growth is amortised.
+by half when full, so a step costs its own column and growth is amortised. An owner that knows how many entries it
+will hold (an evicting request) sets `expected`, and the buffers are sized to that instead of growing past it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ class EntryColumns(Mapping):
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
         self.count = 0
+        # The most entries the owner expects to hold (an evicting request: budget + buffer + 1), 0 if unknown: buffers
+        # are sized to it while it covers what they must hold, and given back down to it after a compaction far below.
+        self.expected = 0
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._buffers[name][..., : self.count]
@@ -44,7 +48,7 @@ class EntryColumns(Mapping):
         for name, values in columns.items():
             buffer = self._buffers.get(name)
             if buffer is None or buffer.shape[-1] < needed:
-                grown = values.new_empty((*values.shape[:-1], needed + max(needed // 2, MIN_GROWTH)))
+                grown = values.new_empty((*values.shape[:-1], self._capacity(needed)))
                 if buffer is not None:
                     grown[..., : self.count] = buffer[..., : self.count]
                 self._buffers[name] = buffer = grown
@@ -70,8 +74,17 @@ class EntryColumns(Mapping):
         return rows * capacity + columns
 
     def gather(self, keep: torch.Tensor) -> None:
-        """Keep, per (layer, head), the entries at `keep` [L, H, k] (column indices), in that order."""
+        """Keep, per (layer, head), the entries at `keep` [L, H, k] (column indices), in that order. Buffers more
+        than twice the room the kept entries need (a long prompt evicted down to its budget) shrink to that room."""
         kept = keep.shape[-1]
+        room = self._capacity(kept)
         for name, buffer in self._buffers.items():
-            buffer[..., :kept] = torch.gather(buffer[..., : self.count], -1, keep)
+            values = torch.gather(buffer[..., : self.count], -1, keep)
+            if buffer.shape[-1] > 2 * room:
+                self._buffers[name] = buffer = values.new_empty((*values.shape[:-1], room))
+            buffer[..., :kept] = values
         self.count = kept
+
+    def _capacity(self, needed: int) -> int:
+        """Columns to allocate for `needed` entries: the expected count when it covers them, else half again."""
+        return self.expected if needed <= self.expected else needed + max(needed // 2, MIN_GROWTH)

@@ -65,6 +65,10 @@ class RequestEvictor:
         self.state.budget = self.budget
         self.head_budgets = torch.full((shape.layers, shape.kv_heads), self.budget, dtype=torch.int64)
         self._row = EntryColumns()  # "positions": logical position of the token in each slot; "valid": slot held
+        # An evicting request holds at most budget + buffer + 1 entries before each eviction (more only where
+        # protection or a reallocation keeps more, and then its buffers grow): its bookkeeping is sized to that.
+        if self.may_evict:
+            self._row.expected = self.state.entries.expected = min(full_length, self._due_beyond + 1)
         self.length = 0  # logical length: tokens seen so far
         self.pinned = 0  # leading slots owned by someone else (SGLang's prefix cache): never moved
         self.end_of_think_ids = tuple(end_of_think_ids)

@@ -20,9 +20,11 @@ def _columns(start: int, count: int) -> dict[str, torch.Tensor]:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), st.integers(1, 150), st.integers(0, 2**31 - 1)), min_size=1, max_size=25))
-def test_appends_and_gathers_match_concatenation(operations):
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 150), st.integers(0, 2**31 - 1)), min_size=1, max_size=25),
+       st.sampled_from([0, 32, 200]))  # fmt: skip
+def test_appends_and_gathers_match_concatenation(operations, room):
     table, expected, appended = EntryColumns(), {}, 0
+    table.expected = room  # sized to it, grown past it, shrunk back after compactions far below
     for compact, size, seed in operations:
         if compact and table.count:
             generator = torch.Generator().manual_seed(seed)
@@ -70,6 +72,24 @@ def test_memory_counts_the_spare_capacity():
     assert table.nbytes == LAYERS * HEADS * 74 * (8 + 8)
     table.gather(torch.zeros(LAYERS, HEADS, 3, dtype=torch.int64))
     assert table.nbytes == LAYERS * HEADS * 74 * (8 + 8)  # compaction keeps the buffers
+
+
+def test_buffers_are_sized_to_the_expected_count_and_shrink_back_to_it():
+    table = EntryColumns()
+    table.expected = 100
+    table.append(_columns(0, 10))
+    assert table.nbytes == LAYERS * HEADS * 100 * 16  # the expected room at once, no spare beyond it
+    table.append(_columns(10, 90))
+    assert table.nbytes == LAYERS * HEADS * 100 * 16
+    table.append(_columns(100, 400))  # past it: half again
+    assert table.nbytes == LAYERS * HEADS * 750 * 16
+    keep = torch.arange(300, 380).expand(LAYERS, HEADS, 80)
+    table.gather(keep)  # far below: back to the expected room, the kept entries intact
+    assert table.nbytes == LAYERS * HEADS * 100 * 16
+    assert torch.equal(table["positions"], keep)
+    assert torch.equal(table["score"], keep.to(torch.float64) * 0.5)
+    table.gather(torch.arange(70).expand(LAYERS, HEADS, 70))  # within twice the room: kept as it is
+    assert table.nbytes == LAYERS * HEADS * 100 * 16
 
 
 def test_appending_other_names_is_refused():

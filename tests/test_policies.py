@@ -240,8 +240,24 @@ def test_a_request_that_cannot_outgrow_its_budget_is_not_observed(policy, calibr
 ])  # fmt: skip
 def test_the_state_a_request_holds_is_its_entries_and_its_policys_tensors(policy, per_entry, kept, calibration):
     evictor = make_evictor(make_test_spec(policy, 40, calibration), 10, 200)
-    evictor.append(10)  # the prompt: room for 10 + 64 entries per (layer, KV head)
-    assert evictor.state_bytes == SHAPE.layers * SHAPE.kv_heads * 74 * per_entry + kept
+    evictor.append(10)  # the prompt
+    # The room an evicting request needs at the most before each eviction, reserved at once: budget + buffer + 1.
+    room = 40 + evictor.settings.buffer + 1
+    assert evictor.state_bytes == SHAPE.layers * SHAPE.kv_heads * room * per_entry + kept
+    for _ in range(150):  # the whole request, evicting as it goes: the state never grows
+        evictor.append(1)
+        evictor.decide()
+        assert evictor.entries <= room
+        assert evictor.state_bytes == SHAPE.layers * SHAPE.kv_heads * room * per_entry + kept
+
+
+def test_a_long_prompt_evicted_to_its_budget_gives_its_room_back(calibration):
+    evictor = make_evictor(make_test_spec("crystal", 40, calibration, protect_prompt=False), 500, 700)
+    evictor.append(500)
+    assert evictor.state_bytes == SHAPE.layers * SHAPE.kv_heads * 750 * 25  # half again over the prompt
+    evictor.append(1)
+    evictor.decide()  # down to the budget: the buffers shrink to budget + buffer + 1
+    assert evictor.state_bytes == SHAPE.layers * SHAPE.kv_heads * (40 + evictor.settings.buffer + 1) * 25
 
 
 @pytest.mark.parametrize("policy", ["crystal", "crystal-lite"])
