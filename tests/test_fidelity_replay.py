@@ -227,10 +227,12 @@ def test_a_halving_drops_entries_at_its_checkpoint_and_costs_agreement_after_it(
     # A checkpoint with no scored token after it within the continuation gives no point.
     assert halving_costs(model, traces[0], reference, "16", [1.0], 10, 0, progress, SETTINGS) == []
     # Halved twice (from 32: a quarter stays above the protected window): the first halving's point is the same; the
-    # second frees 8 more slots and moves the predictions further still.
+    # second frees 8 more slots and moves the predictions further still. (Same up to float rounding: a batch of three
+    # rows instead of two may sum in another order on some CPUs.)
     (once,) = halving_costs(model, traces[0], reference, "32", [0.5], 10, 0, progress, SETTINGS)
     (twice,) = halving_costs(model, traces[0], reference, "32", [0.5], 10, 0, progress, SETTINGS, twice=True)
-    assert {key: twice[key] for key in once} == once
+    for key, value in once.items():
+        assert twice[key] == (pytest.approx(value, rel=1e-4, abs=1e-9) if isinstance(value, float) else value), key
     assert twice["freed"] == 16 and twice["second_freed"] == 8 and twice["second_kl_gain"] > 0
 
 
