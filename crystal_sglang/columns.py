@@ -13,6 +13,9 @@ from collections.abc import Iterator, Mapping
 import torch
 
 MIN_GROWTH = 64  # columns added at least when a buffer grows
+# Per-entry positions and decode steps (a step is the position it wrote): int32 holds any context and takes half
+# int64's bytes. Used as gather indices they are widened first (torch gathers by int64 only).
+POSITION_DTYPE = torch.int32
 
 
 class EntryColumns(Mapping):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from crystal_sglang.budgets import reallocate_heads
-from crystal_sglang.columns import EntryColumns
+from crystal_sglang.columns import POSITION_DTYPE, EntryColumns
 from crystal_sglang.config import EvictionSpec
 from crystal_sglang.policies import create_policy
 from crystal_sglang.policies.base import (
@@ -116,7 +116,7 @@ class RequestEvictor:
     def append(self, count: int = 1) -> None:
         """`count` new tokens entered every head's cache at the next logical positions."""
         start = self.length
-        new = torch.arange(start, start + count, dtype=torch.int64, device=self.device)
+        new = torch.arange(start, start + count, dtype=POSITION_DTYPE, device=self.device)
         shape = (self.shape.layers, self.shape.kv_heads, count)
         held = torch.ones(shape, dtype=torch.bool, device=self.device)
         self._row.append({"positions": new.expand(shape), "valid": held})

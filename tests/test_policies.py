@@ -233,10 +233,10 @@ def test_a_request_that_cannot_outgrow_its_budget_is_not_observed(policy, calibr
 
 
 @pytest.mark.parametrize(("policy", "per_entry", "kept"), [
-    ("crystal", 8 + 1 + 8 + 8, 0),  # positions, validity, CRF, last hit
-    ("streamingllm", 8 + 1, 0),
+    ("crystal", 4 + 1 + 8 + 4, 0),  # positions (int32), validity, CRF (float64), last hit (int32)
+    ("streamingllm", 4 + 1, 0),
     # a ring of 128 rotated queries per layer (bfloat16) and the step each was asked at
-    ("crystal-lookahead", 8 + 1 + 8 + 8, 128 * (SHAPE.layers * SHAPE.q_heads * SHAPE.head_dim * 2 + 8)),
+    ("crystal-lookahead", 4 + 1 + 8 + 4, 128 * (SHAPE.layers * SHAPE.q_heads * SHAPE.head_dim * 2 + 8)),
 ])  # fmt: skip
 def test_the_state_a_request_holds_is_its_entries_and_its_policys_tensors(policy, per_entry, kept, calibration):
     evictor = make_evictor(make_test_spec(policy, 40, calibration), 10, 200)
@@ -254,10 +254,10 @@ def test_the_state_a_request_holds_is_its_entries_and_its_policys_tensors(policy
 def test_a_long_prompt_evicted_to_its_budget_gives_its_room_back(calibration):
     evictor = make_evictor(make_test_spec("crystal", 40, calibration, protect_prompt=False), 500, 700)
     evictor.append(500)
-    assert evictor.state_bytes == SHAPE.layers * SHAPE.kv_heads * 750 * 25  # half again over the prompt
+    assert evictor.state_bytes == SHAPE.layers * SHAPE.kv_heads * 750 * 17  # half again over the prompt
     evictor.append(1)
     evictor.decide()  # down to the budget: the buffers shrink to budget + buffer + 1
-    assert evictor.state_bytes == SHAPE.layers * SHAPE.kv_heads * (40 + evictor.settings.buffer + 1) * 25
+    assert evictor.state_bytes == SHAPE.layers * SHAPE.kv_heads * (40 + evictor.settings.buffer + 1) * 17
 
 
 @pytest.mark.parametrize("policy", ["crystal", "crystal-lite"])

@@ -49,7 +49,7 @@ class Hindsight(EvictionPolicy):
         self.future = future
 
     def priority(self, state: PolicyState, selection: SelectionInput) -> torch.Tensor:
-        return torch.gather(self.future.after(selection.step), -1, selection.positions)
+        return torch.gather(self.future.after(selection.step), -1, selection.positions.long())
 
 
 def hindsight_scores(

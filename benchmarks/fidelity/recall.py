@@ -62,7 +62,7 @@ class FullAttention:
         row = self.row(step)
         predicting = row.shape[-1] - 1
         earlier = valid & (positions < predicting)
-        held = torch.gather(row, -1, positions.clamp_max(predicting)) * earlier
+        held = torch.gather(row, -1, positions.clamp_max(predicting).long()) * earlier
         return float((held.sum(-1) + row[..., predicting]).mean())
 
 

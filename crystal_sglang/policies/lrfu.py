@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from crystal_sglang.columns import POSITION_DTYPE
 from crystal_sglang.config import ConfigError
 from crystal_sglang.policies.base import EvictionPolicy, PolicyState, ScoreNeeds, SelectionInput, StepScores
 
@@ -58,7 +59,7 @@ class CrystalLite(EvictionPolicy):
         shape = (state.shape.layers, state.shape.kv_heads, count)
         return {
             "crf": torch.ones(shape, dtype=torch.float64, device=state.device),
-            "tau": torch.full(shape, step, dtype=torch.int64, device=state.device),
+            "tau": torch.full(shape, step, dtype=POSITION_DTYPE, device=state.device),
         }
 
     def observe(self, state: PolicyState, scores: StepScores, step: int, valid: torch.Tensor) -> None:
