@@ -37,6 +37,14 @@ class EvictionStats:
     reallocations: int = 0
 
 
+def entry_bytes(policy: EvictionPolicy) -> int:
+    """Bytes of bookkeeping one entry of one (layer, KV head) costs under `policy`: its logical position, whether its
+    head holds it, and the policy's per-entry statistics."""
+    state = policy.new_state(CacheShape(layers=1, kv_heads=1, group=1, head_dim=1))
+    statistics = policy.initial_entries(state, 1, 0).values()
+    return POSITION_DTYPE.itemsize + torch.bool.itemsize + sum(column.element_size() for column in statistics)
+
+
 class RequestEvictor:
     def __init__(
         self,
@@ -65,10 +73,10 @@ class RequestEvictor:
         self.state.budget = self.budget
         self.head_budgets = torch.full((shape.layers, shape.kv_heads), self.budget, dtype=torch.int64)
         self._row = EntryColumns()  # "positions": logical position of the token in each slot; "valid": slot held
-        # An evicting request holds at most budget + buffer + 1 entries before each eviction (more only where
-        # protection or a reallocation keeps more, and then its buffers grow): its bookkeeping is sized to that.
-        if self.may_evict:
-            self._row.expected = self.state.entries.expected = min(full_length, self._due_beyond + 1)
+        # Sized to the most entries the request holds (more only where the answer part's protection or a reallocation
+        # keeps more, and then its buffers grow).
+        most = spec.most_entries(prompt_length, full_length)
+        self._row.expected = self.state.entries.expected = min(full_length, most + 1)
         self.length = 0  # logical length: tokens seen so far
         self.pinned = 0  # leading slots owned by someone else (SGLang's prefix cache): never moved
         self.end_of_think_ids = tuple(end_of_think_ids)

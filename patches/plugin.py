@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-from crystal_sglang.patches import hooks, radix_policy, server_flags
+from crystal_sglang.patches import hooks, pool_sizing, radix_policy, server_flags
 
 _SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
 
@@ -16,8 +16,7 @@ _SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
 def load() -> None:
     HookRegistry.register(f"{_SERVER_ARGS}.add_cli_args", server_flags.add_flags, HookType.AFTER)
     HookRegistry.register(f"{_SERVER_ARGS}.from_cli_args", server_flags.from_cli_args_with_flags, HookType.AROUND)
-    for target, (hook, kind) in hooks.TARGETS.items():
-        HookRegistry.register(target, hook, kind)
     radix_policy.add_policy_choice()
-    for target, (hook, kind) in radix_policy.TARGETS.items():
-        HookRegistry.register(target, hook, kind)
+    for targets in (hooks.TARGETS, pool_sizing.TARGETS, radix_policy.TARGETS):
+        for target, (hook, kind) in targets.items():
+            HookRegistry.register(target, hook, kind)

@@ -438,9 +438,7 @@ class EvictionRuntime:
         if not policy_class(spec.policy).evicts:
             return None
         prompt = len(req.origin_input_ids)
-        budget = spec.budget.resolve(prompt + req.sampling_params.max_new_tokens)
-        protected = (prompt if spec.settings.protect_prompt else spec.settings.sinks) + spec.settings.window
-        ceiling = max(budget, protected) + spec.settings.buffer
+        ceiling = spec.most_entries(prompt, prompt + req.sampling_params.max_new_tokens)
         return max(0, ceiling - req.kv.kv_committed_len if req.kv.holds_kv else ceiling - prompt)
 
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from crystal_sglang.budgets import REALLOC_SIGNALS, SLOTS_PER_CRF
 from crystal_sglang.config import ConfigError
-from crystal_sglang.eviction import PER_HEAD, SHARED_SLOTS, RequestEvictor
+from crystal_sglang.eviction import PER_HEAD, SHARED_SLOTS, RequestEvictor, entry_bytes
 from crystal_sglang.policies import POLICIES, POLICY_NAMES, create_policy, policy_class
 from crystal_sglang.policies.base import CacheShape, SelectionInput, StepBatch, StepScores, keep_top, nucleus
 from crystal_sglang.policies.rkv import redundancy
@@ -240,6 +240,7 @@ def test_a_request_that_cannot_outgrow_its_budget_is_not_observed(policy, calibr
 ])  # fmt: skip
 def test_the_state_a_request_holds_is_its_entries_and_its_policys_tensors(policy, per_entry, kept, calibration):
     evictor = make_evictor(make_test_spec(policy, 40, calibration), 10, 200)
+    assert entry_bytes(evictor.policy) == per_entry  # what SGLang's pool sizing counts per entry
     evictor.append(10)  # the prompt
     # The room an evicting request needs at the most before each eviction, reserved at once: budget + buffer + 1.
     room = 40 + evictor.settings.buffer + 1
@@ -249,6 +250,17 @@ def test_the_state_a_request_holds_is_its_entries_and_its_policys_tensors(policy
         evictor.decide()
         assert evictor.entries <= room
         assert evictor.state_bytes == SHAPE.layers * SHAPE.kv_heads * room * per_entry + kept
+
+
+def test_a_protected_prompt_above_the_budget_is_room_for_it_window_and_buffer(calibration):
+    evictor = make_evictor(make_test_spec("crystal", 40, calibration), 100, 300)
+    room = 100 + evictor.settings.window + evictor.settings.buffer + 1  # what admission counts it at, and its new entry
+    evictor.append(100)
+    for _ in range(150):
+        evictor.append(1)
+        evictor.decide()
+        assert evictor.entries <= room
+        assert evictor.state_bytes == SHAPE.layers * SHAPE.kv_heads * room * 17
 
 
 def test_a_long_prompt_evicted_to_its_budget_gives_its_room_back(calibration):

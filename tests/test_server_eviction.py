@@ -124,6 +124,13 @@ def test_pool_savings_in_the_log_line_and_metrics(server):
     assert shares and all(0 < share < 100 for share in shares)
 
 
+def test_the_pool_size_counts_the_bookkeeping_of_every_token(server):
+    """The scheduler's pool sizing counted, with each token's KV (2 layers x 2 KV heads x keys and values of 16
+    float32 channels), the most bookkeeping any policy keeps per entry (17 bytes) in every layer and KV head."""
+    lines = [line for line in server.log_path.read_text().splitlines() if "eviction bookkeeping" in line]
+    assert lines and "counts 68 bytes of eviction bookkeeping with each token's 512 bytes of KV" in lines[0]
+
+
 @pytest.mark.parametrize("policy", ["crystal", "crystal-lite", "crystal-lookahead", "h2o", "streamingllm", "snapkv",
                                     "rkv"])
 def test_server_equals_the_reference_path(server, tiny_model_dir, policy):

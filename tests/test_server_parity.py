@@ -72,6 +72,7 @@ def test_kv_evict_none_answers_as_stock_sglang(tiny_model_dir, server_log_dir):
         with SGLangServer(tiny_model_dir, cpu_server_args(*flags), log_path=log, env=env) as server:
             answers[kind] = server.post("/generate", payload)
             assert server.runs_crystal_plugin() == (kind == "none")
+        assert "eviction bookkeeping" not in log.read_text()  # the pool sized as stock SGLang sizes it
     for stock, none in zip(answers["stock"], answers["none"], strict=True):
         assert none["output_ids"] == stock["output_ids"]
         assert none["text"] == stock["text"]
