@@ -3,10 +3,9 @@
 "Saved" counts the KV slots the running requests would hold without eviction minus the slots they hold: the memory
 eviction gave back to the allocator for other requests. "State" is the memory eviction itself holds for them beside
 the pool: per-entry positions and policy statistics, which the pool's sizing leaves room for (`pool_sizing`), and
-query windows, which it does not. The
-time share is eviction's part of the decode steps' wall time (scoring, observe, decide, compaction), measured inside
-each step. The metrics are created in the scheduler process with the labels of SGLang's own scheduler metrics, so
-`/metrics` shows them beside `sglang:token_usage`.
+query windows, which it does not. The time share is eviction's part of the decode steps' wall time (scoring,
+observe, decide, compaction), measured inside each step. The metrics are created in the scheduler process with
+the labels of SGLang's own scheduler metrics, so `/metrics` shows them beside `sglang:token_usage`.
 """
 
 from __future__ import annotations

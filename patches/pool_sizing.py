@@ -46,8 +46,9 @@ def token_cost_with_bookkeeping(cell_size: int, _configurator, kvc, num_layers: 
 
 @functools.cache
 def _log_once(cell_size: int, bookkeeping: int) -> None:
+    fewer = 100 * bookkeeping / (cell_size + bookkeeping)
     logger.info("--kv-evict: the pool counts %d bytes of eviction bookkeeping with each token's %d bytes of KV, "
-                "so it holds %.1f %% fewer tokens", bookkeeping, cell_size, 100 * bookkeeping / (cell_size + bookkeeping))
+                "so it holds %.1f %% fewer tokens", bookkeeping, cell_size, fewer)
 
 
 TARGETS = {
