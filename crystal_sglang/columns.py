@@ -3,7 +3,7 @@
 A decode step appends one column. Concatenating would copy the whole row every step (0.55 ms at 2K entries for
 `crystal`'s bookkeeping, a fifth of its work per request and step); here appends write into spare capacity, grown
 by half when full, so a step costs its own column and growth is amortised. An owner that knows how many entries it
-will hold (an evicting request) sets `expected`, and the buffers are sized to that instead of growing past it.
+will hold (a request, from its budget) sets `expected`, and the buffers are sized to that instead of growing past it.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ class EntryColumns(Mapping):
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
         self.count = 0
-        # The most entries the owner expects to hold (an evicting request: budget + buffer + 1), 0 if unknown: buffers
-        # are sized to it while it covers what they must hold, and given back down to it after a compaction far below.
+        # The most entries the owner expects to hold (a request: what admission counts it at, + 1), 0 if unknown:
+        # buffers are sized to it while it covers what they must hold, and given back down to it after a compaction
+        # far below.
         self.expected = 0
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -61,7 +62,7 @@ class EntryColumns(Mapping):
     @property
     def nbytes(self) -> int:
         """Memory the buffers hold, spare capacity included."""
-        return sum(buffer.numel() * buffer.element_size() for buffer in self._buffers.values())
+        return sum(buffer.nbytes for buffer in self._buffers.values())
 
     def storage(self, name: str) -> torch.Tensor:
         """The whole buffer behind `self[name]`, flat (spare capacity included), for updates through `where`."""

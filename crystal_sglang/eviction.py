@@ -37,12 +37,20 @@ class EvictionStats:
     reallocations: int = 0
 
 
+def _row_entries(shape: CacheShape, start: int, count: int, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """A row's own columns for `count` new entries at logical positions `start`, `start + 1`, ...: "positions", and
+    "valid" (every head holds them)."""
+    positions = torch.arange(start, start + count, dtype=POSITION_DTYPE, device=device)
+    size = (shape.layers, shape.kv_heads, count)
+    return {"positions": positions.expand(size), "valid": torch.ones(size, dtype=torch.bool, device=device)}
+
+
 def entry_bytes(policy: EvictionPolicy) -> int:
-    """Bytes of bookkeeping one entry of one (layer, KV head) costs under `policy`: its logical position, whether its
-    head holds it, and the policy's per-entry statistics."""
-    state = policy.new_state(CacheShape(layers=1, kv_heads=1, group=1, head_dim=1))
-    statistics = policy.initial_entries(state, 1, 0).values()
-    return POSITION_DTYPE.itemsize + torch.bool.itemsize + sum(column.element_size() for column in statistics)
+    """Bytes of bookkeeping one entry of one (layer, KV head) costs under `policy`: the row's columns and the
+    policy's per-entry statistics."""
+    shape = CacheShape(layers=1, kv_heads=1, group=1, head_dim=1)
+    columns = {**_row_entries(shape, 0, 1, "cpu"), **policy.initial_entries(policy.new_state(shape), 1, 0)}
+    return sum(column.element_size() for column in columns.values())
 
 
 class RequestEvictor:
@@ -72,7 +80,7 @@ class RequestEvictor:
         self.budget = spec.budget.resolve(full_length)
         self.state.budget = self.budget
         self.head_budgets = torch.full((shape.layers, shape.kv_heads), self.budget, dtype=torch.int64)
-        self._row = EntryColumns()  # "positions": logical position of the token in each slot; "valid": slot held
+        self._row = EntryColumns()  # `_row_entries`: the logical position of each slot's token, and whether held
         # Sized to the most entries the request holds (more only where the answer part's protection or a reallocation
         # keeps more, and then its buffers grow).
         most = spec.most_entries(prompt_length, full_length)
@@ -117,17 +125,12 @@ class RequestEvictor:
     def state_bytes(self) -> int:
         """Memory this request's eviction holds beside its KV entries: per-entry positions, validity and the
         policy's statistics (spare capacity included), and the tensors the policy keeps (query windows)."""
-        kept = sum(value.numel() * value.element_size() for value in self.state.extra.values()
-                   if isinstance(value, torch.Tensor))  # fmt: skip
+        kept = sum(value.nbytes for value in self.state.extra.values() if isinstance(value, torch.Tensor))
         return self._row.nbytes + self.state.entries.nbytes + kept
 
     def append(self, count: int = 1) -> None:
         """`count` new tokens entered every head's cache at the next logical positions."""
-        start = self.length
-        new = torch.arange(start, start + count, dtype=POSITION_DTYPE, device=self.device)
-        shape = (self.shape.layers, self.shape.kv_heads, count)
-        held = torch.ones(shape, dtype=torch.bool, device=self.device)
-        self._row.append({"positions": new.expand(shape), "valid": held})
+        self._row.append(_row_entries(self.shape, self.length, count, self.device))
         self.length += count
         self.state.entries.append(self.policy.initial_entries(self.state, count, self.length - 1))
 
