@@ -107,11 +107,12 @@ class EvictionSpec:
 
     def most_entries(self, prompt_length: int, full_length: int) -> int:
         """The most entries a request holds per (layer, KV head) once a step's eviction is done: its budget, or what
-        protection alone keeps (the prompt or the sinks, and the window) where that is more, plus the buffer it fills
-        before an eviction; never more than its full length. Admission counts a request at this, and its bookkeeping
-        is sized to it (one more: a step's new entry arrives before the eviction)."""
+        protection alone keeps (the sinks and the prompt, and the window) where that is more, plus the buffer it
+        fills before an eviction; never more than its full length. Admission counts a request at this, and its
+        bookkeeping is sized to it (one more: a step's new entry arrives before the eviction)."""
         settings = self.settings
-        protected = (prompt_length if settings.protect_prompt else settings.sinks) + settings.window
+        held = max(prompt_length, settings.sinks) if settings.protect_prompt else settings.sinks
+        protected = held + settings.window
         return min(full_length, max(self.budget.resolve(full_length), protected) + settings.buffer)
 
     def describe(self) -> dict:

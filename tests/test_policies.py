@@ -263,6 +263,20 @@ def test_a_protected_prompt_above_the_budget_is_room_for_it_window_and_buffer(ca
         assert evictor.state_bytes == SHAPE.layers * SHAPE.kv_heads * room * 17
 
 
+def test_a_prompt_shorter_than_the_sinks_is_counted_at_the_sinks(calibration):
+    # A 2-token prompt with a ratio budget below the protected window: the sinks (4) and the window (8) stay held
+    # whatever the budget, so the most the request holds is 12 + buffer, which admission counts it at.
+    spec = make_test_spec("crystal", "2%", calibration)
+    evictor = make_evictor(spec, 2, 300)
+    most = spec.most_entries(2, 300)
+    assert most == evictor.settings.protected_window + evictor.settings.buffer
+    evictor.append(2)
+    for _ in range(200):
+        evictor.append(1)
+        evictor.decide()
+        assert evictor.entries <= most
+
+
 def test_a_long_prompt_evicted_to_its_budget_gives_its_room_back(calibration):
     evictor = make_evictor(make_test_spec("crystal", 40, calibration, protect_prompt=False), 500, 700)
     evictor.append(500)
