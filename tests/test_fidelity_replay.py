@@ -6,7 +6,8 @@ Recording the full cache's attention leaves its logits bit-identical; the record
 falls below 1 once a small budget evicts; free-running rows that cannot outgrow their budget reproduce the full
 cache's greedy trace token for token; the oracle attends to exactly the keys it should, and with a covering number
 of entries it is the full cache; hindsight ranks by the attention still to come and keeps the entries that get most;
-the predictability study scores a signal against that ideal.
+the predictability study scores a signal against that ideal; the one-off studies' harness replays a policy as the
+benchmark does.
 """
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ from benchmarks.fidelity.predictability import IDEAL, SIGNALS, mean_over_sequenc
 from benchmarks.fidelity.recall import FullAttention
 from benchmarks.fidelity.replay import FULL, Config, replay_policies
 from benchmarks.fidelity.scoring import REASONING, summarize
+from benchmarks.fidelity.variants import variant_agreement
 from benchmarks.fidelity.workload import Sequence, full_cache_reference
+from crystal_sglang.policies import make_spec
+from crystal_sglang.policies.lrfu import CrystalLite
+from crystal_sglang.policies.streaming import StreamingLLM
 from tests.tiny_model import RANDOM_LLAMA, random_llama
 
 CONFIG = RANDOM_LLAMA
@@ -251,3 +256,17 @@ def test_the_halving_summary_finds_a_signal_that_orders_the_costs_and_none_in_no
     second = summarize_halvings(points)["second_halving"]
     assert second["mean"]["top1_loss"] == pytest.approx(0.025) and second["costs_more_top1_than_the_first"] == 0
     assert second["top1_loss_per_freed_slot"]["second"] == pytest.approx(second["top1_loss_per_freed_slot"]["first"])
+
+
+def test_the_variant_harness_scores_each_policy_as_the_benchmark_replays_it(model, traces):
+    """`variant_agreement` (the one-off studies' harness) replays the variants of a conversation as one batch, as
+    the benchmark replays the policies: each variant's top-1 agreement is the benchmark's for that policy."""
+    reference = full_cache_reference(model, traces)
+    configs = [Config("crystal-lite", "16"), Config("streamingllm", "16")]
+    benchmark = replay_policies(model, traces, configs, reference, SETTINGS, (), pad_id=0)
+    variants = {"crystal-lite": lambda spec, _reference: CrystalLite(spec),
+                "streamingllm": lambda spec, _reference: StreamingLLM(make_spec("streamingllm", spec.budget, SETTINGS))}
+    result = variant_agreement(model, traces, reference, variants, "crystal-lite", "16", settings=SETTINGS)
+    for config in configs:
+        agree = [agrees for row in benchmark[config] for agrees in row.agree]
+        assert result[config.policy] == {"all": round(sum(agree) / len(agree), 4)}  # no answer part in these traces
