@@ -7,7 +7,8 @@ per layer and KV head with `crystal`), and admission commits a pool token for ev
 adding the bookkeeping of one entry in every layer and KV head to the token's cost keeps the pool and the
 bookkeeping together within the memory SGLang gave the pool. Any request may choose its policy, so the cost is the
 most any policy keeps. A request's own tensors (query windows) are not per token: they come out of the memory
-SGLang leaves outside the pool, as activations do.
+SGLang leaves outside the pool, as activations do, and start-up says what they may add up to
+(`query_memory_warning`).
 
 A pool whose size the user fixed (`--max-total-tokens` below what memory allows) is left at that size.
 """
@@ -17,12 +18,15 @@ from __future__ import annotations
 import functools
 import logging
 
+import torch
+
 from sglang.srt.plugins.hook_registry import HookType
 
-from crystal_sglang.config import parse_budget
+from crystal_sglang.config import EvictionSpec, parse_budget
 from crystal_sglang.eviction import entry_bytes
 from crystal_sglang.patches import server_flags
 from crystal_sglang.policies import POLICY_NAMES, create_policy, make_spec, policy_class
+from crystal_sglang.policies.base import CacheShape
 
 logger = logging.getLogger("crystal_sglang")
 
@@ -49,6 +53,20 @@ def _log_once(cell_size: int, bookkeeping: int) -> None:
     fewer = 100 * bookkeeping / (cell_size + bookkeeping)
     logger.info("--kv-evict: the pool counts %d bytes of eviction bookkeeping with each token's %d bytes of KV, "
                 "so it holds %.1f %% fewer tokens", bookkeeping, cell_size, fewer)
+
+
+def query_memory_warning(spec: EvictionSpec, shape: CacheShape, query_dtype: torch.dtype,
+                         max_running_requests: int) -> str | None:  # fmt: skip
+    """What the server's policy keeps per request beside the pool (its query windows) and what that comes to with
+    every request SGLang may run at once, or None for a policy that keeps none."""
+    per_request = create_policy(spec).query_bytes(shape, query_dtype)
+    if not per_request:
+        return None
+    at_once = per_request * max_running_requests
+    return (f"--kv-evict {spec.policy}: each request also keeps {per_request / 2**20:.2f} MiB of recent decode queries "
+            f"beside the KV pool, which the pool's size does not count: {at_once / 2**30:.2f} GiB with the "
+            f"{max_running_requests} requests this server may run at once; if that does not fit in what "
+            "--mem-fraction-static leaves outside the pool, lower --max-running-requests")
 
 
 TARGETS = {

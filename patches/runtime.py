@@ -38,6 +38,7 @@ from crystal_sglang.policies import create_policy, make_spec, policy_class
 from crystal_sglang.policies.base import SPARSITY_THRESHOLD, CacheShape, ScoreNeeds, StepBatch, StepScores
 from crystal_sglang.patches.observability import EvictionMetrics, PoolSavings
 from crystal_sglang.patches.pool_ops import PoolSelectionContext, PoolView, pool_refusal, sliding_window_refusal
+from crystal_sglang.patches.pool_sizing import query_memory_warning
 from crystal_sglang.patches.rotary import served_rotary
 
 logger = logging.getLogger("crystal_sglang")
@@ -154,6 +155,9 @@ class EvictionRuntime:
         where = ", inside the torch_native decode attention" if self.fused_scores else ""
         logger.info("crystal-sglang: in-flight KV eviction on: %s; scores by %s%s", spec.describe(),
                     score_backend(self.pool.req_to_token.device), where)
+        query_memory = query_memory_warning(spec, self.shape, config.dtype, scheduler.max_running_requests)
+        if query_memory is not None:
+            logger.warning("crystal-sglang: %s", query_memory)
 
     # ---- the forward pass ----------------------------------------------------------------------------------------
     @timed

@@ -39,6 +39,7 @@ from tests.policy_helpers import (
     make_evictor,
     make_test_spec,
     one_hot_attention,
+    random_scores,
 )
 
 SCORED = ["crystal", "crystal-lite", "h2o", "streamingllm", "snapkv", "rkv"]  # priority() is a pure function
@@ -250,6 +251,23 @@ def test_the_state_a_request_holds_is_its_entries_and_its_policys_tensors(policy
         evictor.decide()
         assert evictor.entries <= room
         assert evictor.state_bytes == SHAPE.layers * SHAPE.kv_heads * room * per_entry + kept
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_the_queries_a_request_keeps_come_to_what_its_policy_declares(policy, calibration):
+    """`query_bytes` (what the server reports at start-up that each request holds beside the pool) is the storage
+    of the policy's tensors once its query window is full: `rkv` and `snapkv` keep the newest `window` queries,
+    `crystal-lookahead` its ring, the others none."""
+    evictor = make_evictor(make_test_spec(policy, 300, calibration), 10, 300)
+    evictor.append(10)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        evictor.append(1)
+        evictor.observe(random_scores(evictor, generator))
+    tensors = [value for value in evictor.state.extra.values() if isinstance(value, torch.Tensor)]
+    held = sum(tensor.untyped_storage().nbytes() for tensor in tensors)
+    assert held == evictor.policy.query_bytes(SHAPE, torch.float32)
+    assert (held > 0) == (policy in ("rkv", "snapkv", "crystal-lookahead"))
 
 
 def test_a_protected_prompt_above_the_budget_is_room_for_it_window_and_buffer(calibration):

@@ -1,17 +1,20 @@
 """The pool's per-token cost counts eviction's bookkeeping (the hook on SGLang's cell size, with a stand-in for the
-configurator's inputs; the server tests check it in the real scheduler)."""
+configurator's inputs; the server tests check it in the real scheduler), and start-up says what the per-request
+query windows, which it does not count, may add up to."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from crystal_sglang.config import parse_budget
 from crystal_sglang.eviction import entry_bytes
-from crystal_sglang.patches.pool_sizing import most_entry_bytes, token_cost_with_bookkeeping
+from crystal_sglang.patches.pool_sizing import most_entry_bytes, query_memory_warning, token_cost_with_bookkeeping
 from crystal_sglang.patches.server_flags import SPEC_ATTRIBUTE
 from crystal_sglang.policies import POLICY_NAMES, create_policy, make_spec
+from crystal_sglang.policies.base import CacheShape
 
 LAYERS, KV_HEADS = 30, 3
 KV_BYTES = LAYERS * KV_HEADS * 2 * 64 * 2  # SmolLM2-135M in bfloat16: keys and values of 64 channels
@@ -48,3 +51,16 @@ def test_a_server_without_eviction_keeps_sglangs_cost(policy):
 
 def test_a_rank_without_kv_keeps_no_cost():
     assert token_cost_with_bookkeeping(0, None, configurator_inputs("crystal"), LAYERS) is None
+
+
+def test_start_up_warns_of_the_query_windows_a_policy_keeps_beside_the_pool():
+    shape = CacheShape(layers=LAYERS, kv_heads=KV_HEADS, group=3, head_dim=64)  # SmolLM2-135M
+    spec = make_spec("rkv", parse_budget("128"), None)  # the newest 8 queries of every layer and query head
+    warning = query_memory_warning(spec, shape, torch.bfloat16, 2048)
+    assert warning.startswith("--kv-evict rkv: each request also keeps 0.26 MiB of recent decode queries")  # 276480 B
+    assert "0.53 GiB with the 2048 requests this server may run at once" in warning
+    assert warning.endswith("lower --max-running-requests")
+    lookahead = make_spec("crystal-lookahead", parse_budget("128"), None)  # 128 queries, bfloat16 whatever the model
+    assert "keeps 4.22 MiB" in query_memory_warning(lookahead, shape, torch.float32, 2048)
+    for policy in ("crystal", "crystal-lite", "h2o", "streamingllm", "thinkv", "random"):
+        assert query_memory_warning(make_spec(policy, parse_budget("128"), None), shape, torch.bfloat16, 2048) is None

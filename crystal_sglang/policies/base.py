@@ -35,6 +35,11 @@ class CacheShape:
         return self.kv_heads * self.group
 
 
+def kept_queries_bytes(shape: CacheShape, count: int, dtype: torch.dtype) -> int:
+    """Bytes of `count` decode steps' rotated queries, every layer and query head."""
+    return shape.layers * count * shape.q_heads * shape.head_dim * dtype.itemsize
+
+
 @dataclass(frozen=True)
 class ScoreNeeds:
     """What the integration must compute for this policy."""
@@ -234,6 +239,11 @@ class EvictionPolicy(ABC):
         """Decode steps of observations a decision depends on (None: every step since the prefill). The evictor
         asks for scores only from this many steps before a request's first possible eviction."""
         return None
+
+    def query_bytes(self, shape: CacheShape, query_dtype: torch.dtype) -> int:
+        """Bytes of the decode queries a request keeps under this policy once its window is full (`query_dtype`: the
+        model's). They are per request, not per entry, so SGLang's pool sizing does not count them."""
+        return 0
 
     def new_state(self, shape: CacheShape, device: torch.device | str = "cpu") -> PolicyState:
         return PolicyState(shape=shape, device=torch.device(device))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from crystal_sglang.config import MAX_ENTRIES, ConfigError
-from crystal_sglang.policies.base import PolicyState, ScoreNeeds, SelectionInput, StepScores
+from crystal_sglang.policies.base import PolicyState, ScoreNeeds, SelectionInput, StepScores, kept_queries_bytes
 from crystal_sglang.policies.lrfu import Crystal, LRFUParams
 from crystal_sglang.rotary import RotaryShift
 
@@ -109,6 +109,11 @@ class CrystalLookahead(Crystal):
     def history(self) -> int | None:
         history = self.params.history
         return None if history is None else max(history, self.params.queries)
+
+    def query_bytes(self, shape, query_dtype) -> int:
+        # The ring (in its own dtype, whatever the model's) and the step each query was asked at.
+        queries = self.params.queries
+        return kept_queries_bytes(shape, queries, RING_DTYPE) + queries * torch.int64.itemsize
 
     def new_state(self, shape, device="cpu") -> PolicyState:
         state = super().new_state(shape, device)

@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from crystal_sglang.config import MAX_ENTRIES, ConfigError
-from crystal_sglang.policies.base import EvictionPolicy, PolicyState, ScoreNeeds, SelectionInput, StepScores
+from crystal_sglang.policies.base import (
+    EvictionPolicy,
+    PolicyState,
+    ScoreNeeds,
+    SelectionInput,
+    StepScores,
+    kept_queries_bytes,
+)
 
 
 @dataclass(frozen=True)
@@ -66,15 +73,22 @@ class SnapKV(EvictionPolicy):
     def needs(self) -> ScoreNeeds:
         return ScoreNeeds(query_window=self.settings.window, keys_at_selection=True)
 
+    @property
+    def query_window(self) -> int:
+        return max(1, self.settings.window)
+
+    def query_bytes(self, shape, query_dtype) -> int:
+        return kept_queries_bytes(shape, self.query_window, query_dtype)
+
     def new_state(self, shape, device="cpu") -> PolicyState:
         state = super().new_state(shape, device)
         state.extra["queries"] = torch.empty((shape.layers, 0, shape.q_heads, shape.head_dim), device=state.device)
         return state
 
     def observe(self, state: PolicyState, scores: StepScores, step: int, valid: torch.Tensor) -> None:
-        window = max(1, self.settings.window)
-        recent = torch.cat([state.extra["queries"], scores.queries.unsqueeze(1).to(state.device)], dim=1)
-        state.extra["queries"] = recent[:, -window:]
+        kept = state.extra["queries"]
+        kept = kept[:, max(0, kept.shape[1] + 1 - self.query_window) :]  # room for the new one: exactly the window
+        state.extra["queries"] = torch.cat([kept, scores.queries.unsqueeze(1).to(state.device)], dim=1)
 
     def priority(self, state: PolicyState, selection: SelectionInput) -> torch.Tensor:
         layers, heads, n = selection.positions.shape
