@@ -270,6 +270,20 @@ def test_the_queries_a_request_keeps_come_to_what_its_policy_declares(policy, ca
     assert (held > 0) == (policy in ("rkv", "snapkv", "crystal-lookahead"))
 
 
+@pytest.mark.parametrize("policy", ["rkv", "snapkv"])
+def test_without_a_protected_window_importance_still_asks_the_newest_query(policy):
+    """`window: 0` protects no recent entry; the importance window keeps one query, so the request is still observed
+    (it was not, and importance was 0 for every entry: eviction by recency alone)."""
+    evictor = make_evictor(make_test_spec(policy, 40, window=0), 10, 300)
+    evictor.append(10)
+    assert evictor.observing(evictor.entries + 1)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        evictor.append(1)
+        evictor.observe(random_scores(evictor, generator))
+    assert evictor.state.extra["queries"].shape[1] == 1
+
+
 def test_a_protected_prompt_above_the_budget_is_room_for_it_window_and_buffer(calibration):
     evictor = make_evictor(make_test_spec("crystal", 40, calibration), 100, 300)
     room = 100 + evictor.settings.window + evictor.settings.buffer + 1  # what admission counts it at, and its new entry

@@ -71,10 +71,11 @@ class SnapKV(EvictionPolicy):
 
     @property
     def needs(self) -> ScoreNeeds:
-        return ScoreNeeds(query_window=self.settings.window, keys_at_selection=True)
+        return ScoreNeeds(query_window=self.query_window, keys_at_selection=True)
 
     @property
     def query_window(self) -> int:
+        """The newest decode queries kept to ask for importance: the protected window's, at least one."""
         return max(1, self.settings.window)
 
     def query_bytes(self, shape, query_dtype) -> int:
