@@ -33,7 +33,7 @@ from benchmarks.fidelity.kvpress_runner import COMPRESSION_INTERVAL, PRESSES, SN
 from benchmarks.fidelity.merge import REALLOCATION_SETTINGS, MergeError, load_run, merge_runs
 from benchmarks.fidelity.hindsight import hindsight_scores
 from benchmarks.fidelity.oracle import oracle_scores
-from benchmarks.fidelity.replay import FULL, Config, budget_entries, replay_policies
+from benchmarks.fidelity.replay import EVICTABLE_PROMPT, FULL, Config, budget_entries, replay_policies
 from benchmarks.fidelity.scoring import ANSWER, ANSWER_RULE, REASONING, summarize
 from benchmarks.fidelity.free_running import free_run
 from benchmarks.fidelity.workload import (
@@ -296,7 +296,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.monotonic()
     model_path, tokenizer, model = load_default_model()
-    settings = {**({} if args.protect_prompt else {"protect_prompt": False}), **args.config}
+    settings = {**({} if args.protect_prompt else EVICTABLE_PROMPT), **args.config}
     end_of_think_ids = tuple(tokenizer.encode("</think>", add_special_tokens=False))
     problems = load_problems(args.problems, args.prompts)
     protocols = {}

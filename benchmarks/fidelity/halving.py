@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.fidelity.replay import budget_entries, replay_rows
+from benchmarks.fidelity.replay import EVICTABLE_PROMPT, budget_entries, replay_rows
 from benchmarks.fidelity.workload import (Reference, Sequence, full_cache_reference, load_default_model,
                                           solution_records, solution_sequences)
 from crystal_sglang.config import Budget
@@ -33,7 +33,6 @@ from crystal_sglang.policies import make_spec
 from crystal_sglang.reference.cache import EvictingCache, RowRequest
 
 SIGNALS = ("crf_per_slot", "held", "dropped_worth")
-SETTINGS = {"protect_prompt": False}  # as the fidelity benchmark's solutions runs: every entry counts
 COSTS = ("top1_loss", "kl_gain")
 
 
@@ -53,7 +52,8 @@ def signals(evictor: RequestEvictor, halved_budget: int) -> dict:
 
 
 def halving_costs(model, sequence: Sequence, reference: Reference, budget: str, shares: list[float], window: int,
-                  pad_id: int, progress, settings: dict = SETTINGS, twice: bool = False) -> list[dict]:  # fmt: skip
+                  pad_id: int, progress, settings: dict = EVICTABLE_PROMPT,
+                  twice: bool = False) -> list[dict]:  # fmt: skip
     """One sequence: a row kept at `budget` and a row per checkpoint (a share of the continuation) halved there;
     with `twice`, also a row per checkpoint halved twice there (a quarter), whose cost beyond the halved row's is
     what a second halving of the same request costs."""

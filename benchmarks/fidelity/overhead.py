@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.fidelity.replay import EVICTABLE_PROMPT
 from benchmarks.fidelity.workload import load_default_model
 from crystal_sglang.config import parse_budget
 from crystal_sglang.policies import make_spec
@@ -71,7 +72,7 @@ class PolicyTimer:
 
 @torch.no_grad()
 def time_steps(model, prompt: list[int], policy: str, budget: str, steps: int, warmup: int) -> dict:
-    spec = make_spec(policy, parse_budget(budget), {"protect_prompt": False})
+    spec = make_spec(policy, parse_budget(budget), EVICTABLE_PROMPT)
     going_on = 2 * len(prompt) + warmup + steps  # its full length: it continues past the measured steps
     cache = EvictingCache(model.config, [RowRequest(spec, len(prompt), going_on)], rotary=model_rotary(model))
     timer = PolicyTimer(cache)

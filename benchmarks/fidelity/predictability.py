@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.fidelity.recall import FullAttention
+from benchmarks.fidelity.replay import EVICTABLE_PROMPT
 from benchmarks.fidelity.scoring import ANSWER
 from crystal_sglang.config import Budget, parse_budget
 from crystal_sglang.policies import create_policy, make_spec
@@ -48,7 +49,7 @@ def policy_signal(name: str) -> Signal:
 
     def scores(rows: torch.Tensor, prompt: int) -> torch.Tensor:
         heads, length, _ = rows.shape
-        policy = create_policy(make_spec(name, Budget(entries=length), {"protect_prompt": False}))
+        policy = create_policy(make_spec(name, Budget(entries=length), EVICTABLE_PROMPT))
         state = policy.new_state(CacheShape(layers=1, kv_heads=heads, group=1, head_dim=1))
         state.entries.append(policy.initial_entries(state, prompt, prompt - 1))
         result = torch.zeros(heads, length, length)

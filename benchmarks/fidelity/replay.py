@@ -17,6 +17,9 @@ from crystal_sglang.policies import create_policy, make_spec
 from crystal_sglang.reference.cache import EvictingCache, RowRequest, evicting_attention, model_rotary
 
 FULL = "full"  # budget label of the no-eviction sanity row
+# The eviction settings the benchmark replays with unless told otherwise: the prompt evictable, as kvpress evicts it,
+# so every entry counts toward the budget.
+EVICTABLE_PROMPT = {"protect_prompt": False}
 
 
 @dataclass(frozen=True)

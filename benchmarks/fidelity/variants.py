@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.fidelity.replay import budget_entries, replay_rows
+from benchmarks.fidelity.replay import EVICTABLE_PROMPT, budget_entries, replay_rows
 from benchmarks.fidelity.scoring import ANSWER
 from benchmarks.fidelity.workload import (Reference, Sequence, full_cache_reference, load_default_model,
                                           solution_records, solution_sequences)  # fmt: skip
@@ -20,12 +20,11 @@ from crystal_sglang.reference.cache import RowRequest
 
 # (the base policy's spec on one conversation, that conversation's full-cache reference) -> the policy to replay
 VariantFactory = Callable[..., object]
-BENCHMARK_SETTINGS = {"protect_prompt": False}
 
 
 def variant_agreement(model, sequences: list[Sequence], references: list[Reference],
                       variants: dict[str, VariantFactory], policy: str, budget: str, *,
-                      settings: dict = BENCHMARK_SETTINGS, end_of_think_ids: tuple[int, ...] = (),
+                      settings: dict = EVICTABLE_PROMPT, end_of_think_ids: tuple[int, ...] = (),
                       pad_id: int = 0) -> dict[str, dict[str, float]]:  # fmt: skip
     """Per variant, top-1 agreement with the full cache over the scored tokens ("all") and over the answer part
     (where there is one). Each conversation's variants are replayed as the rows of one batch."""
