@@ -35,11 +35,19 @@ class RotaryShift:
     def shift(self, x: torch.Tensor, by: torch.Tensor, axis: int) -> torch.Tensor:
         """`x` [..., d] float, each slice along `axis` moved on by its own `by` [x.shape[axis]] positions; channels
         past the rotary ones (2 per frequency: a partial rotary embedding) stay as they are."""
-        half = self.inv_freq.numel()
-        angles = by.to(torch.float64).cpu()[:, None] * self.inv_freq  # [m, half]
+        cos, sin = self.turns(by, x.dtype, x.device)
         shape = [1] * x.dim()
-        shape[axis], shape[-1] = by.numel(), half
-        cos, sin = (f(angles).to(x.dtype).to(x.device).view(shape) for f in (torch.cos, torch.sin))
+        shape[axis], shape[-1] = by.numel(), cos.shape[-1]
+        return self.turned(x, cos.view(shape), sin.view(shape))
+
+    def turns(self, by: torch.Tensor, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosines and sines [m, rotary_dim / 2] of moving on by each of `by` [m] positions (angles in float64)."""
+        angles = by.to(torch.float64).cpu()[:, None] * self.inv_freq
+        return tuple(f(angles).to(dtype).to(device) for f in (torch.cos, torch.sin))
+
+    def turned(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """`x` [..., d] turned by `turns`' cosines and sines, broadcast against [..., rotary_dim / 2]."""
+        half = self.inv_freq.numel()
         rotated, rest = x[..., : 2 * half], x[..., 2 * half :]
         if self.neox:
             first, second = rotated[..., :half], rotated[..., half:]

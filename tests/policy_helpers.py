@@ -102,6 +102,11 @@ def random_keys(shape: CacheShape, positions: int, generator: torch.Generator) -
     return torch.randn((shape.layers, shape.kv_heads, positions, shape.head_dim), generator=generator)
 
 
+def random_key_table(evictor: RequestEvictor, positions: int, seed: int = 0) -> KeyTable:
+    """A SelectionContext of random keys for the evictor's first `positions` logical positions."""
+    return KeyTable(evictor, random_keys(evictor.shape, positions, torch.Generator().manual_seed(seed)))
+
+
 def random_scores(evictor: RequestEvictor, generator: torch.Generator, sparsity: float | None = None) -> StepScores:
     """One step's observations over the evictor's current entries: attention rows summing to 1 over the valid
     entries, per-query-head sparsity (uniform, or the given value everywhere) and rotated queries."""

@@ -21,6 +21,7 @@ from crystal_sglang.config import ConfigError
 from crystal_sglang.eviction import PER_HEAD, SHARED_SLOTS, RequestEvictor, entry_bytes
 from crystal_sglang.policies import POLICIES, POLICY_NAMES, create_policy, policy_class
 from crystal_sglang.policies.base import CacheShape, SelectionInput, StepBatch, StepScores, keep_top, nucleus
+from crystal_sglang.policies.key_redundancy import held_ranks, key_redundancy
 from crystal_sglang.policies.rkv import redundancy
 from crystal_sglang.policies.thinkv import EXECUTION, REASONING, TRANSITION, Calibration, kmeans_survivors
 from tests.policy_helpers import (
@@ -39,7 +40,9 @@ from tests.policy_helpers import (
     make_evictor,
     make_test_spec,
     one_hot_attention,
+    random_key_table,
     random_scores,
+    rope_shift,
 )
 
 SCORED = ["crystal", "crystal-lite", "h2o", "streamingllm", "snapkv", "rkv"]  # priority() is a pure function
@@ -211,7 +214,8 @@ LFU_KEEPS = [0, 1, 2, 7]  # A (4 uses), then B and C (2 uses each)
 @pytest.mark.parametrize("lam, expected", [(0.0, LRU_KEEPS), (1e-6, LRU_KEEPS), (1.0, LFU_KEEPS),
                                            (1 - 1e-6, LFU_KEEPS)])  # fmt: skip
 def test_lrfu_limits_are_lru_and_lfu(policy, lam, expected):
-    spec = make_test_spec(policy, 4, lam=lam, top_p=0.9, sinks=0, window=1, buffer=3, protect_prompt=False)
+    spec = make_test_spec(policy, 4, lam=lam, top_p=0.9, sinks=0, window=1, buffer=3, protect_prompt=False,
+                          redundancy=0)  # the LRFU alone
     evictor = make_evictor(spec, 3, 8)
     evictor.append(3)
     for step, hit in {3: 0, 4: 0, 5: 0, 6: 1, 7: 2}.items():
@@ -246,9 +250,10 @@ def test_the_state_a_request_holds_is_its_entries_and_its_policys_tensors(policy
     # The room an evicting request needs at the most before each eviction, reserved at once: budget + buffer + 1.
     room = 40 + evictor.settings.buffer + 1
     assert evictor.state_bytes == SHAPE.layers * SHAPE.kv_heads * room * per_entry + kept
+    context = random_key_table(evictor, 200)
     for _ in range(150):  # the whole request, evicting as it goes: the state never grows
         evictor.append(1)
-        evictor.decide()
+        evictor.decide(context)
         assert evictor.entries <= room
         assert evictor.state_bytes == SHAPE.layers * SHAPE.kv_heads * room * per_entry + kept
 
@@ -288,9 +293,10 @@ def test_a_protected_prompt_above_the_budget_is_room_for_it_window_and_buffer(ca
     evictor = make_evictor(make_test_spec("crystal", 40, calibration), 100, 300)
     room = 100 + evictor.settings.window + evictor.settings.buffer + 1  # what admission counts it at, and its new entry
     evictor.append(100)
+    context = random_key_table(evictor, 300)
     for _ in range(150):
         evictor.append(1)
-        evictor.decide()
+        evictor.decide(context)
         assert evictor.entries <= room
         assert evictor.state_bytes == SHAPE.layers * SHAPE.kv_heads * room * 17
 
@@ -303,9 +309,10 @@ def test_a_prompt_shorter_than_the_sinks_is_counted_at_the_sinks(calibration):
     most = spec.most_entries(2, 300)
     assert most == evictor.settings.protected_window + evictor.settings.buffer
     evictor.append(2)
+    context = random_key_table(evictor, 300)
     for _ in range(200):
         evictor.append(1)
-        evictor.decide()
+        evictor.decide(context)
         assert evictor.entries <= most
 
 
@@ -314,7 +321,7 @@ def test_a_long_prompt_evicted_to_its_budget_gives_its_room_back(calibration):
     evictor.append(500)
     assert evictor.state_bytes == SHAPE.layers * SHAPE.kv_heads * 750 * 17  # half again over the prompt
     evictor.append(1)
-    evictor.decide()  # down to the budget: the buffers shrink to budget + buffer + 1
+    evictor.decide(random_key_table(evictor, 700))  # down to the budget: the buffers shrink to budget + buffer + 1
     assert evictor.state_bytes == SHAPE.layers * SHAPE.kv_heads * (40 + evictor.settings.buffer + 1) * 17
 
 
@@ -358,6 +365,55 @@ def test_lrfu_hit_decays_then_rewards():
     assert crf.tolist() == [1.375, 1.0, 1.0, 1.0, 1.0]
     worth = evictor.policy.worth(evictor.state, 5)[0, 0]
     assert worth.tolist() == pytest.approx([0.6875, 0.0625, 0.125, 0.25, 0.5])
+
+
+def repeated_key_table(evictor, first: int, second: int, n: int = 9, noise: float = 0.0) -> KeyTable:
+    """Keys of one head (`ONE_HEAD`) for positions 0..n-1, rotated at their positions as a cache holds them: `first`
+    and `second` say the same thing (one key before rotation, `noise` added to the second's channel 1), the others
+    e_i + e_0 / 2."""
+    content = near_duplicate_keys(first, second, n)
+    content[second, 1] += noise
+    rotary = rope_shift(ONE_HEAD.head_dim)
+    context = KeyTable(evictor, rotary.shift(content, torch.arange(n), axis=0).view(1, 1, n, ONE_HEAD.head_dim))
+    context.rotary = rotary
+    return context
+
+
+@pytest.mark.parametrize("noise", [0.0, 1e-5])
+def test_key_redundancy_compares_keys_turned_back_to_one_position(noise):
+    """Copies of one key rotated 5 positions apart tie, and rank above every other entry; so do copies that differ
+    by the rounding a batched product leaves (a first layer's key of one token, computed in two batches)."""
+    spec = make_test_spec("crystal-lite", 7, sinks=0, window=1, buffer=1, protect_prompt=False)
+    evictor = make_evictor(spec, 9, 9, shape=ONE_HEAD)
+    evictor.append(9)
+    redundancy_of = key_redundancy(evictor.selection_input(repeated_key_table(evictor, 1, 6, noise=noise)))[0, 0]
+    assert redundancy_of[1] == redundancy_of[6]
+    assert bool((redundancy_of[[0, 2, 3, 4, 5, 7, 8]] < redundancy_of[1]).all())
+
+
+@pytest.mark.parametrize("weight, evicted", [(0.0, [0, 1]), (0.9, [0, 2])])
+def test_lrfu_with_key_redundancy_evicts_the_older_copy_among_equals(weight, evicted):
+    """Nine prompt entries of equal worth, two over the budget: the LRFU alone drops the two oldest; with redundancy
+    weighed in heavily, the older of two copies of one key goes instead of the second oldest."""
+    spec = make_test_spec("crystal-lite", 7, sinks=0, window=1, buffer=1, protect_prompt=False, redundancy=weight)
+    evictor = make_evictor(spec, 9, 9, shape=ONE_HEAD)
+    evictor.append(9)
+    assert evictor.decide(repeated_key_table(evictor, 2, 6)) is not None
+    assert kept_positions(evictor) == [p for p in range(9) if p not in evicted]
+
+
+def test_held_ranks_order_by_value_then_tiebreak_over_held_entries():
+    values = torch.tensor([[[2.0, 1.0, 2.0, 5.0, 0.5]]])
+    valid = torch.tensor([[[True, True, True, True, False]]])
+    tiebreak = torch.tensor([[[0.0, 0.0, 1.0, 0.0, 0.0]]])
+    assert held_ranks(values, valid, tiebreak)[0, 0].tolist() == pytest.approx([1 / 3, 0.0, 2 / 3, 1.0, 0.0])
+
+
+def test_key_redundancy_weight_is_validated_and_asks_for_keys():
+    with pytest.raises(ConfigError, match="redundancy=1.5 must lie in"):
+        make_test_spec("crystal", 16, redundancy=1.5)
+    assert create_policy(make_test_spec("crystal", 16)).needs.keys_at_selection
+    assert not create_policy(make_test_spec("crystal", 16, redundancy=0)).needs.keys_at_selection
 
 
 def test_nucleus_is_the_smallest_set_reaching_top_p():

@@ -43,7 +43,7 @@ def signals(evictor: RequestEvictor, halved_budget: int) -> dict:
     held = evictor.valid.sum(-1)
     keep = torch.maximum(torch.full_like(held, halved_budget), selection.protected.sum(-1))
     drop = (held - keep).clamp_min(0)
-    worth = evictor.policy.priority(evictor.state, selection).to(torch.float64)
+    worth = evictor.policy.worth(evictor.state, selection.step)
     worth = worth.masked_fill(~evictor.valid | selection.protected, float("inf")).sort(-1).values
     lowest = torch.arange(worth.shape[-1]).expand_as(worth) < drop.unsqueeze(-1)
     crf = evictor.policy.utilisation(evictor.state, evictor.length - 1, evictor.valid)

@@ -13,7 +13,8 @@ rest of `_finish_step`). An observed row that can evict is attended by hand, its
 and its scores (`EvictingCache.attend`): that product and softmax count as the model's time, and what attending by
 hand costs over SDPA shows only in the ratio.
 
-    python -m benchmarks.fidelity.overhead [--context 2048] [--policies crystal] [--out results/fidelity]
+    python -m benchmarks.fidelity.overhead [--context 2048] [--policies crystal] [--config JSON]
+        [--out results/fidelity]
 """
 
 from __future__ import annotations
@@ -71,8 +72,9 @@ class PolicyTimer:
 
 
 @torch.no_grad()
-def time_steps(model, prompt: list[int], policy: str, budget: str, steps: int, warmup: int) -> dict:
-    spec = make_spec(policy, parse_budget(budget), EVICTABLE_PROMPT)
+def time_steps(model, prompt: list[int], policy: str, budget: str, steps: int, warmup: int,
+               config: dict | None = None) -> dict:  # fmt: skip
+    spec = make_spec(policy, parse_budget(budget), {**EVICTABLE_PROMPT, **(config or {})})
     going_on = 2 * len(prompt) + warmup + steps  # its full length: it continues past the measured steps
     cache = EvictingCache(model.config, [RowRequest(spec, len(prompt), going_on)], rotary=model_rotary(model))
     timer = PolicyTimer(cache)
@@ -130,6 +132,7 @@ def main() -> None:
     parser.add_argument("--policies", default="crystal")
     parser.add_argument("--evict-below", type=int, default=64, help="evicting budget = context - this")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--config", type=json.loads, default={}, help="policy settings (JSON), as --kv-evict-config")
     parser.add_argument("--out", type=Path, default=Path("results/fidelity"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -144,7 +147,8 @@ def main() -> None:
     for round_index in range(args.rounds):
         for policy, kind, budget in cases:
             print(f"round {round_index + 1}/{args.rounds}: {policy} ({kind}, budget {budget})", flush=True)
-            runs[(policy, kind)].append(time_steps(model, prompt, policy, budget, args.steps, args.warmup))
+            config = args.config if policy != "none" else None
+            runs[(policy, kind)].append(time_steps(model, prompt, policy, budget, args.steps, args.warmup, config))
     results = summarize(runs)
     print(f"\ndecode step at {args.context} entries, batch 1, {args.threads} threads, {args.rounds} x {args.steps} "
           "steps; ms (median / mean / max for the parts)")  # fmt: skip
@@ -152,7 +156,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"overhead-{args.context}.json"
     path.write_text(json.dumps({"context": args.context, "threads": args.threads, "steps": args.steps,
-                                "rounds": args.rounds, "model": model_path.name, "results": results}, indent=1))
+                                "rounds": args.rounds, "config": args.config, "model": model_path.name,
+                                "results": results}, indent=1))
     plot(results, args.context, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
 

@@ -44,12 +44,13 @@ QUERY_WINDOW = 32
 Signal = Callable[[torch.Tensor, int], torch.Tensor]
 
 
-def policy_signal(name: str) -> Signal:
-    """The priority of one of our policies, fed the attention rows of the decode queries one step at a time."""
+def policy_signal(name: str, config: dict | None = None) -> Signal:
+    """The priority of one of our policies (with `config`), fed the attention rows of the decode queries one step at a
+    time."""
 
     def scores(rows: torch.Tensor, prompt: int) -> torch.Tensor:
         heads, length, _ = rows.shape
-        policy = create_policy(make_spec(name, Budget(entries=length), EVICTABLE_PROMPT))
+        policy = create_policy(make_spec(name, Budget(entries=length), {**EVICTABLE_PROMPT, **(config or {})}))
         state = policy.new_state(CacheShape(layers=1, kv_heads=heads, group=1, head_dim=1))
         state.entries.append(policy.initial_entries(state, prompt, prompt - 1))
         result = torch.zeros(heads, length, length)
@@ -93,7 +94,7 @@ def recency_signal(rows: torch.Tensor, prompt: int) -> torch.Tensor:
 
 
 SIGNALS: dict[str, Signal] = {
-    "crystal-lite (LRFU worth)": policy_signal("crystal-lite"),
+    "crystal-lite (LRFU worth)": policy_signal("crystal-lite", {"redundancy": 0}),  # attention rows only, no keys
     "h2o (accumulated)": policy_signal("h2o"),
     **{f"decayed attention {lam}": decayed_signal(lam) for lam in DECAYS},
     f"last {QUERY_WINDOW} queries": window_signal,

@@ -11,8 +11,9 @@ foresight's future attention at 64 entries / 10 % / 20 %, against the LRFU worth
 replay on 24 conversations its top-1 is 0.019 / 0.011 above `crystal`'s at 64 / 10 % and level at 20 %
 (docs/FIDELITY.md); its cost per eviction is in docs/DESIGN.md.
 
-Everything else is `crystal`'s: the LRFU statistics still record hits (Algorithm 2's budget reallocation reads
-their CRF, and they break ties), and before the first query is kept the priority is the LRFU worth.
+Everything else is `crystal`'s, but for key redundancy (`redundancy`, off here: not measured with this priority):
+the LRFU statistics still record hits (Algorithm 2's budget reallocation reads their CRF, and they break ties), and
+before the first query is kept the priority is the LRFU worth.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class LookaheadParams(LRFUParams):
     queries: int = 128  # newest decode queries kept per layer
     query_decay: float = 0.97  # a query's weight per step of age
     ahead: int = 64  # the farthest position ahead the queries are asked at (1, 4, 16, ... up to it; 0: now)
+    redundancy: float = 0.0  # not measured with the lookahead's priority
 
     def validate(self) -> None:
         super().validate()
@@ -130,7 +132,7 @@ class CrystalLookahead(Crystal):
         state.extra["queries"][:, slot] = scores.queries.to(state.device, RING_DTYPE)
         state.extra["asked_at"][slot] = step
 
-    def priority(self, state: PolicyState, selection: SelectionInput) -> torch.Tensor:
+    def signal(self, state: PolicyState, selection: SelectionInput) -> torch.Tensor:
         asked_at = state.extra["asked_at"]
         kept = (asked_at >= 0).nonzero().squeeze(1)
         if kept.numel() == 0:
