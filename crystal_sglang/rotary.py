@@ -45,17 +45,27 @@ class RotaryShift:
         angles = by.to(torch.float64).cpu()[:, None] * self.inv_freq
         return tuple(f(angles).to(dtype).to(device) for f in (torch.cos, torch.sin))
 
-    def turned(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """`x` [..., d] turned by `turns`' cosines and sines, broadcast against [..., rotary_dim / 2]."""
+    def turned_parts(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`x` [..., d] turned by `turns`' cosines and sines, broadcast against [..., rotary_dim / 2], in parts whose
+        channels together are the turned `x`'s in another order: each pair's first channel, its second, then the
+        channels past the rotary ones where there are any. Enough for a dot product, without the copy that puts
+        them back in place."""
         half = self.inv_freq.numel()
         rotated, rest = x[..., : 2 * half], x[..., 2 * half :]
         if self.neox:
             first, second = rotated[..., :half], rotated[..., half:]
         else:
             first, second = rotated[..., 0::2], rotated[..., 1::2]
-        turned_first, turned_second = first * cos - second * sin, second * cos + first * sin
+        turned_first, turned_second = first * cos, second * cos
+        turned_first.addcmul_(second, sin, value=-1)
+        turned_second.addcmul_(first, sin)
+        return (turned_first, turned_second, rest) if rest.shape[-1] else (turned_first, turned_second)
+
+    def turned(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """`x` [..., d] turned by `turns`' cosines and sines, broadcast against [..., rotary_dim / 2]."""
+        turned_first, turned_second, *rest = self.turned_parts(x, cos, sin)
         if self.neox:
             turned = torch.cat([turned_first, turned_second], dim=-1)
         else:
             turned = torch.stack([turned_first, turned_second], dim=-1).flatten(-2)
-        return torch.cat([turned, rest], dim=-1) if rest.shape[-1] else turned
+        return torch.cat([turned, *rest], dim=-1) if rest else turned

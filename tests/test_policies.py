@@ -24,6 +24,7 @@ from crystal_sglang.policies.base import CacheShape, SelectionInput, StepBatch, 
 from crystal_sglang.policies.key_redundancy import held_ranks, key_redundancy
 from crystal_sglang.policies.rkv import redundancy
 from crystal_sglang.policies.thinkv import EXECUTION, REASONING, TRANSITION, Calibration, kmeans_survivors
+from crystal_sglang.rotary import RotaryShift
 from tests.policy_helpers import (
     EXECUTION_SPARSITY,
     REASONING_SPARSITY,
@@ -367,26 +368,38 @@ def test_lrfu_hit_decays_then_rewards():
     assert worth.tolist() == pytest.approx([0.6875, 0.0625, 0.125, 0.25, 0.5])
 
 
-def repeated_key_table(evictor, first: int, second: int, n: int = 9, noise: float = 0.0) -> KeyTable:
-    """Keys of one head (`ONE_HEAD`) for positions 0..n-1, rotated at their positions as a cache holds them: `first`
-    and `second` say the same thing (one key before rotation, `noise` added to the second's channel 1), the others
-    e_i + e_0 / 2."""
+def repeated_key_table(evictor, first: int, second: int, n: int = 9, noise: float = 0.0,
+                       rotary: RotaryShift | None = None) -> KeyTable:  # fmt: skip
+    """Keys of one head (`ONE_HEAD`) for positions 0..n-1, rotated at their positions as a cache holds them (by
+    `rotary`, plain RoPE by default): `first` and `second` say the same thing (one key before rotation, `noise`
+    added to the second's channel 1), the others e_i + e_0 / 2."""
     content = near_duplicate_keys(first, second, n)
     content[second, 1] += noise
-    rotary = rope_shift(ONE_HEAD.head_dim)
+    rotary = rotary or rope_shift(ONE_HEAD.head_dim)
     context = KeyTable(evictor, rotary.shift(content, torch.arange(n), axis=0).view(1, 1, n, ONE_HEAD.head_dim))
     context.rotary = rotary
     return context
 
 
+def rope_in_layout(layout: str, head_dim: int) -> RotaryShift:
+    """Plain RoPE over pairs (i, i + d/2), over neighbour pairs (2i, 2i + 1), or over half the channels (partial:
+    the rest stay as they are)."""
+    if layout == "partial":
+        return rope_shift(head_dim // 2)
+    return RotaryShift(rope_shift(head_dim).inv_freq, neox=layout == "rotate-half")
+
+
+@pytest.mark.parametrize("layout", ["rotate-half", "neighbour pairs", "partial"])
 @pytest.mark.parametrize("noise", [0.0, 1e-5])
-def test_key_redundancy_compares_keys_turned_back_to_one_position(noise):
-    """Copies of one key rotated 5 positions apart tie, and rank above every other entry; so do copies that differ
-    by the rounding a batched product leaves (a first layer's key of one token, computed in two batches)."""
+def test_key_redundancy_compares_keys_turned_back_to_one_position(noise, layout):
+    """Copies of one key rotated 5 positions apart tie, and rank above every other entry, whichever channels the
+    rotary embedding pairs; so do copies that differ by the rounding a batched product leaves (a first layer's key
+    of one token, computed in two batches)."""
     spec = make_test_spec("crystal-lite", 7, sinks=0, window=1, buffer=1, protect_prompt=False)
     evictor = make_evictor(spec, 9, 9, shape=ONE_HEAD)
     evictor.append(9)
-    redundancy_of = key_redundancy(evictor.selection_input(repeated_key_table(evictor, 1, 6, noise=noise)))[0, 0]
+    table = repeated_key_table(evictor, 1, 6, noise=noise, rotary=rope_in_layout(layout, ONE_HEAD.head_dim))
+    redundancy_of = key_redundancy(evictor.selection_input(table))[0, 0]
     assert redundancy_of[1] == redundancy_of[6]
     assert bool((redundancy_of[[0, 2, 3, 4, 5, 7, 8]] < redundancy_of[1]).all())
 

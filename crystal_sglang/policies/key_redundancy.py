@@ -43,20 +43,24 @@ def key_redundancy(selection: SelectionInput) -> torch.Tensor:
     With k' the turned-back keys and s = sum_j k'_j / |k_j| over the held ones, an entry's cosine sum is
     (k'_i . s) / |k_i|: two products per head, no normalised copy of the keys (turning does not change a norm). One
     layer at a time, whose keys stay in the CPU's caches (3x faster than the whole request at once at 2K entries on
-    one CPU thread), the turns computed once per distinct position. Its cost: docs/FIDELITY.md, "Key redundancy"."""
+    one CPU thread); the turns computed once per distinct position, and the turned keys left in parts (a dot product
+    does not need them in place). Its cost: docs/FIDELITY.md, "Key redundancy"."""
     keys, rotary, valid = selection.context.keys(), selection.context.rotary, selection.valid
     if rotary is not None:
         shifts, each = torch.unique(selection.positions, return_inverse=True)
-        cos, sin = rotary.turns(-shifts, torch.float32, keys.device)
-    inverse_norms = torch.linalg.vector_norm(keys.to(torch.float32), dim=-1).clamp_(min=1e-12).reciprocal_()
-    inverse_norms.masked_fill_(~valid, 0.0)
+        turns = torch.cat(rotary.turns(-shifts, torch.float32, keys.device), dim=-1)  # [distinct, rotary_dim]
+        half = turns.shape[-1] // 2
     cosine_sums = torch.empty(valid.shape, dtype=torch.float32, device=keys.device)
     for layer in range(keys.shape[0]):
         layer_keys = keys[layer].to(torch.float32)
+        inverse_norms = torch.linalg.vector_norm(layer_keys, dim=-1).clamp_(min=1e-12).reciprocal_()
+        inverse_norms = inverse_norms.masked_fill_(~valid[layer], 0.0).unsqueeze(1)  # [H, 1, n]
+        parts = (layer_keys,)
         if rotary is not None:
-            layer_keys = rotary.turned(layer_keys, cos[each[layer]], sin[each[layer]])
-        held_sum = torch.matmul(inverse_norms[layer].unsqueeze(1), layer_keys)  # [H, 1, d]
-        cosine_sums[layer] = torch.matmul(layer_keys, held_sum.transpose(1, 2)).squeeze(-1) * inverse_norms[layer]
+            layer_turns = turns.index_select(0, each[layer].flatten()).view(*each.shape[1:], -1)
+            parts = rotary.turned_parts(layer_keys, layer_turns[..., :half], layer_turns[..., half:])
+        sums = [torch.matmul(part, torch.matmul(inverse_norms, part).transpose(1, 2)) for part in parts]  # [H, n, 1]
+        cosine_sums[layer] = torch.stack(sums).sum(0).squeeze(-1) * inverse_norms.squeeze(1)
     mean_cosine = cosine_sums.to(torch.float64) / valid.sum(-1, keepdim=True).clamp(min=1)
     return torch.round(mean_cosine / REDUNDANCY_STEP) * REDUNDANCY_STEP
 
