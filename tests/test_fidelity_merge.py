@@ -8,7 +8,7 @@ import shlex
 import pytest
 
 from benchmarks.fidelity import report
-from benchmarks.fidelity.__main__ import invocation, recorded_settings, write_outputs
+from benchmarks.fidelity.__main__ import invocation, recorded_params, recorded_settings, write_outputs
 from benchmarks.fidelity.merge import REALLOCATION_SETTINGS, MergeError, load_run, merge_runs
 from benchmarks.fidelity.scoring import REASONING, TokenScores, summarize
 from crystal_sglang.config import Settings
@@ -97,6 +97,26 @@ def test_a_crystal_run_with_another_realloc_power_joins_the_peers_runs():
     assert merge_runs([peers, sharper], "m")["eviction_settings"] == {"sinks": 4, "realloc_power": 2.0}
 
 
+def test_a_policys_rows_come_only_from_runs_that_ran_it_with_the_same_parameters(tmp_path):
+    """A run made before reports recorded parameters joins a newer one for the policies whose rows it keeps; a
+    `crystal` row of its own beside a newer run's would mix two `crystal`s, and so would two recorded settings."""
+    with_redundancy = {"crystal": {"top_p": 0.9, "redundancy": 0.2}}
+    old = run({"64": {"crystal": [False] * 4, "rkv": [True] * 4}}, "old")
+    new = run({"64": {"crystal": [True] * 4}}, "new", policy_params=with_redundancy)
+    merged = merge_runs([old, new], "m")
+    assert merged["policy_params"] == with_redundancy
+    assert merged["protocols"]["math500_solutions"]["results"]["crystal"]["64"]["all"]["top1_agreement"] == 1.0
+    write_outputs(merged, tmp_path)
+    assert "- Policy parameters: `crystal` top_p 0.9, redundancy 0.2." in (tmp_path / "summary.md").read_text()
+
+    old_other_budget = run({"128": {"crystal": [True] * 4}}, "old-128")
+    with pytest.raises(MergeError, match="crystal rows would come from runs with other crystal parameters"):
+        merge_runs([old_other_budget, new], "m")
+    without = run({"128": {"crystal": [True] * 4}}, "without", policy_params={"crystal": {"redundancy": 0.0}})
+    with pytest.raises(MergeError, match="other crystal parameters"):
+        merge_runs([without, new], "m")
+
+
 def test_a_directory_with_more_than_one_run_asks_for_the_file(tmp_path):
     for name in ("fidelity.json", "fidelity-quick.json"):
         (tmp_path / name).write_text(json.dumps(run({"64": {"crystal": [True]}}, name)))
@@ -119,3 +139,11 @@ def test_a_run_records_every_reallocation_setting_at_its_default_unless_configur
     assert set(REALLOCATION_SETTINGS) <= set(recorded)
     assert recorded["realloc_power"] == 1.0 and recorded["realloc_period"] == Settings.realloc_period
     assert recorded["protect_prompt"] is False
+
+
+def test_a_run_records_each_policys_parameters_with_their_defaults():
+    recorded = recorded_params(["none", "crystal", "crystal-lookahead", "rkv"], {"protect_prompt": False})
+    assert set(recorded) == {"crystal", "crystal-lookahead", "rkv"}  # `none` has no parameters
+    assert recorded["crystal"]["redundancy"] == 0.2 and recorded["crystal-lookahead"]["redundancy"] == 0.0
+    assert recorded["rkv"]["lam"] == 0.1
+    assert recorded_params(["crystal"], {"redundancy": 0.0})["crystal"]["redundancy"] == 0.0

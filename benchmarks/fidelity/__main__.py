@@ -19,6 +19,7 @@ solutions only).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -241,7 +242,9 @@ def write_outputs(data: dict, out: Path) -> None:
         f"{data['torch_threads']} torch threads, {data['wall_seconds_total']:.0f} s.",
         *(["", "Merged from:", *(f"- `{command}`" for command in data["merged_from"])] if "merged_from" in data
           else []),
-        "", f"- Budgets: {data['settings_note']}.", f"- {ANSWER_RULE}.",
+        "", f"- Budgets: {data['settings_note']}.",
+        *([f"- Policy parameters: {policy_params_text(data['policy_params'])}."] if data.get("policy_params") else []),
+        f"- {ANSWER_RULE}.",
         *([f"- kvpress: `DecodingPress(compression_interval={COMPRESSION_INTERVAL}, target_size=budget)` around "
            f"`SnapKVPress(window_size={SNAPKV_WINDOW})`, `StreamingLLMPress()` and `KnormPress()`, as shipped, in "
            "its own environment."] if ran_kvpress(data) else []),
@@ -280,6 +283,18 @@ def recorded_settings(protect_prompt: bool, config: dict) -> dict:
     return {"protect_prompt": protect_prompt, **defaults, **config}
 
 
+def recorded_params(policies: list[str], settings: dict) -> dict:
+    """Each replayed policy's parameters as it ran, defaults included: a reader sees which `crystal` a report
+    measured, and `--merge` keeps a policy's rows only from runs that agree on them."""
+    specs = {policy: make_spec(policy, parse_budget("100%"), settings) for policy in policies}
+    return {policy: dataclasses.asdict(spec.params) for policy, spec in specs.items() if spec.params is not None}
+
+
+def policy_params_text(params: dict) -> str:
+    return "; ".join(f"`{policy}` " + ", ".join(f"{key} {value}" for key, value in values.items())
+                     for policy, values in params.items())  # fmt: skip
+
+
 def invocation() -> str:
     """This run's command line as a shell would take it back (a `--config` JSON stays one quoted word)."""
     return shlex.join(["python", "-m", "benchmarks.fidelity", *sys.argv[1:]])
@@ -310,6 +325,7 @@ def main() -> None:
         "solution_tokens": args.solution_tokens,
         "budgets": args.budgets,
         "eviction_settings": recorded_settings(args.protect_prompt, args.config),
+        "policy_params": recorded_params(args.policies, settings),
         "settings_note": ("every entry counts toward the budget, prompt included, as in kvpress (`protect_prompt` off; "
                           f"sinks {Settings.sinks}, window {Settings.window}, buffer {Settings.buffer})"
                           if not args.protect_prompt else

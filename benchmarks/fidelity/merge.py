@@ -56,9 +56,20 @@ def merge_section(merged: dict, section: dict, name: str) -> None:
         merged["wall_seconds"][step] = merged["wall_seconds"].get(step, 0.0) + seconds
 
 
-def merged_settings(runs: list[dict]) -> dict:
+def row_sources(runs: list[dict]) -> dict[tuple[str, str, str], int]:
+    """(protocol, policy, budget): the index of the run whose row the merged report keeps (a later run's replaces
+    an earlier one's)."""
+    source = {}
+    for index, run in enumerate(runs):
+        for name, section in run["protocols"].items():
+            for policy, by_budget in section["results"].items():
+                source.update({(name, policy, budget): index for budget in by_budget})
+    return source
+
+
+def merged_settings(runs: list[dict], source: dict[tuple[str, str, str], int]) -> dict:
     """The eviction settings every run shares, with the reallocation settings of the runs the merged report's
-    reallocating rows come from (a later run's (policy, budget) replaces an earlier one's)."""
+    reallocating rows come from."""
     def split(settings: dict) -> tuple[dict, dict]:
         shared = {k: v for k, v in settings.items() if k not in REALLOCATION_SETTINGS}
         return shared, {k: v for k, v in settings.items() if k in REALLOCATION_SETTINGS}
@@ -67,18 +78,31 @@ def merged_settings(runs: list[dict]) -> dict:
     if any(settings != shared[0] for settings in shared):
         raise MergeError(f"the runs differ in eviction_settings: {[run['eviction_settings'] for run in runs]}; "
                          "merge only runs of the same protocol")  # fmt: skip
-    source = {}  # (protocol, policy, budget): the run whose row the merged report keeps
-    for index, run in enumerate(runs):
-        for name, section in run["protocols"].items():
-            for policy, by_budget in section["results"].items():
-                if policy in POLICY_NAMES and policy_class(policy).reallocates:
-                    source.update({(name, policy, budget): index for budget in by_budget})
-    kept = sorted(set(source.values())) or [len(runs) - 1]
+    kept = sorted({index for (_, policy, _), index in source.items()
+                   if policy in POLICY_NAMES and policy_class(policy).reallocates}) or [len(runs) - 1]  # fmt: skip
     reallocation = [split(runs[index]["eviction_settings"])[1] for index in kept]
     if any(settings != reallocation[0] for settings in reallocation):
         raise MergeError(f"the reallocating rows would come from runs with other reallocation settings: "
                          f"{reallocation}; run them again with the same settings")  # fmt: skip
     return {**shared[0], **reallocation[0]}
+
+
+def merged_params(runs: list[dict], source: dict[tuple[str, str, str], int]) -> dict:
+    """Each policy's parameters, from the runs its rows come from, which must agree: a run made before reports
+    recorded them counts as parameters unknown, so its `crystal` rows do not join a newer run's."""
+    params = {}
+    for policy in dict.fromkeys(policy for _, policy, _ in source):
+        if policy not in POLICY_NAMES:
+            continue
+        kept = sorted({index for (_, row_policy, _), index in source.items() if row_policy == policy})
+        recorded = [runs[index].get("policy_params", {}).get(policy) for index in kept]
+        if any(value != recorded[0] for value in recorded):
+            raise MergeError(f"the {policy} rows would come from runs with other {policy} parameters "
+                             f"({', '.join(map(str, recorded))}; None: a run that did not record them); run them "
+                             "again with the same parameters")  # fmt: skip
+        if recorded[0] is not None:
+            params[policy] = recorded[0]
+    return params
 
 
 def merge_runs(runs: list[dict], command: str) -> dict:
@@ -90,7 +114,9 @@ def merge_runs(runs: list[dict], command: str) -> dict:
         values = [run.get(key) for run in runs]
         if any(value != values[0] for value in values):
             raise MergeError(f"the runs differ in {key}: {values}; merge only runs of the same protocol")
-    eviction_settings = merged_settings(runs)
+    source = row_sources(runs)
+    eviction_settings = merged_settings(runs, source)
+    policy_params = merged_params(runs, source)
     protocols: dict[str, dict] = {}
     for run in runs:
         for name, section in run["protocols"].items():
@@ -109,6 +135,7 @@ def merge_runs(runs: list[dict], command: str) -> dict:
     return {
         **first,
         "eviction_settings": eviction_settings,
+        "policy_params": policy_params,
         "command": command,
         "merged_from": [run["command"] for run in runs],
         "budgets": budgets,
