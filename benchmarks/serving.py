@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("capacity", "overhead", "stock"), help="run one part of the benchmark")
     parser.add_argument("--contexts", help="comma-separated context lengths of the overhead sweep "
                                            "(default 1024,2048 quick, 1024-8192 full)")
+    parser.add_argument("--config", type=json.loads, default={},
+                        help='eviction config of every evicting server and request, e.g. \'{"redundancy": 0}\'')
     parser.add_argument("--out", default="results/serving")
     args = parser.parse_args(argv)
 
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     policies = ["none", *[p for p in args.policies.split(",") if p and p != "none"]]
     report = {"requests": requests, "new_tokens": new_tokens, "pool_tokens": pool, "budget": args.budget,
-              "capacity": {}, "overhead": {}, "stock": {}}
+              "config": args.config, "capacity": {}, "overhead": {}, "stock": {}}
     name = "serving" + ("-quick" if args.quick else "") + (f"-{args.only}" if args.only else "")
     report_path = out / f"{name}.json"
 
@@ -199,13 +201,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def config_args(report: dict, policy: str) -> list[str]:
+    """The report's eviction config (`--config`) as a server flag, for a server that evicts."""
+    return ["--kv-evict-config", json.dumps(report["config"])] if report["config"] and policy != "none" else []
+
+
 def measure_capacity(report: dict, save, model, device: list[str], policies: list[str], prompts: list[str],
                      out: Path) -> None:
     """One server per policy, same pool and workload: report["capacity"][policy]."""
     for policy in tqdm(policies, desc="capacity (one server per policy)", unit="server"):
         log = out / f"server-{policy}.log"
         server_args = [*device, "--max-total-tokens", str(report["pool_tokens"]), "--kv-evict", policy,
-                       "--kv-evict-budget", report["budget"], "--disable-radix-cache"]
+                       "--kv-evict-budget", report["budget"], "--disable-radix-cache", *config_args(report, policy)]
         with SGLangServer(model, server_args, log_path=log) as server:
             result = run_workload(server, prompts, report["new_tokens"])
             result["leaked_slots"] = server.pool_used()  # the workload drained: the pool must be empty again
@@ -229,8 +236,8 @@ def measure_overhead(report: dict, save, model, device: list[str], policy: str, 
     longest = max(contexts)
     server_args = [*device, "--max-total-tokens", str(batch * (longest + OVERHEAD_TOKENS + 32) + 64), "--kv-evict",
                    policy, "--kv-evict-budget", str(longest * 2), "--disable-radix-cache", "--context-length",
-                   str(longest + OVERHEAD_TOKENS), "--enable-metrics"]  # fmt: skip
-    unprotected = {"kv_evict_config": {"protect_prompt": False}}
+                   str(longest + OVERHEAD_TOKENS), "--enable-metrics", *config_args(report, policy)]  # fmt: skip
+    unprotected = {"kv_evict_config": {"protect_prompt": False, **report["config"]}}
     with SGLangServer(model, server_args, log_path=out / "server-overhead.log") as server:
         for context in tqdm(contexts, desc="overhead vs context", unit="context"):
             variants = {"within budget": None, "held": {"kv_budget": context, **unprotected},
