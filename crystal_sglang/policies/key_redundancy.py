@@ -12,7 +12,6 @@ each rank scaled to [0, 1] over the head's held entries. What it gains: docs/FID
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from crystal_sglang.policies.base import SelectionInput
 
