@@ -69,6 +69,17 @@ def test_compaction_moves_each_heads_kept_entries_to_the_rows_first_slots(seed, 
     assert tree.freed == ([[(k, n)]] if k < n else [])
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 40), heads=st.integers(1, 4))
+def test_gathered_keys_are_each_heads_keys_of_the_rows_slots_in_order(seed, n, heads):
+    generator = torch.Generator().manual_seed(seed)
+    pool = StandInPool(3, 64, heads, 5, generator)
+    slots = torch.randperm(64, generator=generator)[:n]
+    view = PoolView(pool, SimpleNamespace(req_to_token=torch.zeros((1, 64), dtype=torch.int32)), FreedRows())
+    expected = torch.stack([keys[slots].transpose(0, 1) for keys in pool.keys])  # [L, H, n, d]
+    assert torch.equal(view.gather_keys(slots), expected)
+
+
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 60), heads=st.integers(1, 4), data=st.data())
 def test_filling_holes_keeps_the_set_moves_only_what_was_behind(seed, n, heads, data):
