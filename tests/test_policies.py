@@ -22,7 +22,7 @@ from crystal_sglang.eviction import PER_HEAD, SHARED_SLOTS, RequestEvictor, entr
 from crystal_sglang.policies import POLICIES, POLICY_NAMES, create_policy, policy_class
 from crystal_sglang.policies.base import CacheShape, SelectionInput, StepBatch, StepScores, keep_top, nucleus
 from crystal_sglang.policies import key_redundancy as key_redundancy_module
-from crystal_sglang.policies.key_redundancy import held_ranks, key_redundancy
+from crystal_sglang.policies.key_redundancy import REDUNDANCY_STEP, held_ranks, key_redundancy, redundancy_ranks
 from crystal_sglang.policies.rkv import redundancy
 from crystal_sglang.policies.thinkv import EXECUTION, REASONING, TRANSITION, Calibration, kmeans_survivors
 from crystal_sglang.rotary import RotaryShift
@@ -447,6 +447,22 @@ def test_held_ranks_order_by_value_then_tiebreak_over_held_entries():
     valid = torch.tensor([[[True, True, True, True, False]]])
     tiebreak = torch.tensor([[[0.0, 0.0, 1.0, 0.0, 0.0]]])
     assert held_ranks(values, valid, tiebreak)[0, 0].tolist() == pytest.approx([1 / 3, 0.0, 2 / 3, 1.0, 0.0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), held=st.integers(1, 60), repeats=st.booleans())
+def test_redundancy_ranks_are_held_ranks_by_redundancy_then_newer_position(seed, held, repeats):
+    """One sort of packed keys ranks as the two stable sorts do: by redundancy, ties to the older position, entries
+    not held at 0; also where redundancy steps repeat often and a position repeats (ties then go by slot)."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (2, 3, held)
+    steps = torch.randint(-3 if repeats else -1000, 4 if repeats else 1001, shape, generator=generator)
+    redundancy = steps.to(torch.float64) * REDUNDANCY_STEP
+    positions = torch.randint(0, 2 * held if repeats else 2**40, shape, generator=generator)
+    valid = torch.rand(shape, generator=generator) > 0.3
+    selection = SelectionInput(budgets=None, protected=None, valid=valid, positions=positions, step=2**40)
+    assert torch.equal(redundancy_ranks(redundancy, selection),
+                       held_ranks(redundancy, valid, -positions.to(torch.float64)))  # fmt: skip
 
 
 def test_key_redundancy_weight_is_validated_and_asks_for_keys():

@@ -19,12 +19,17 @@ from crystal_sglang.policies.base import SelectionInput
 def held_ranks(values: torch.Tensor, valid: torch.Tensor, tiebreak: torch.Tensor | None = None) -> torch.Tensor:
     """[L, H, n] float64: each held entry's rank among its head's held entries by (values, tiebreak), scaled to
     [0, 1] (0 lowest); 0 for entries not held."""
-    n = values.shape[-1]
-    slots = torch.arange(n, device=values.device).expand(values.shape)
-    order = slots if tiebreak is None else tiebreak.argsort(dim=-1, stable=True)
+    order = torch.arange(values.shape[-1], device=values.device).expand(values.shape)
+    if tiebreak is not None:
+        order = tiebreak.argsort(dim=-1, stable=True)
     primary = values.to(torch.float64).masked_fill(~valid, float("-inf")).gather(-1, order)
-    order = order.gather(-1, primary.argsort(dim=-1, stable=True))
-    rank = torch.empty_like(order).scatter_(-1, order, slots)
+    return _scaled_ranks(order.gather(-1, primary.argsort(dim=-1, stable=True)), valid)
+
+
+def _scaled_ranks(order: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`held_ranks` from each head's order of its entries [L, H, n] (lowest first, entries not held before all)."""
+    n = order.shape[-1]
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=order.device).expand(order.shape))
     held = valid.sum(-1, keepdim=True)
     return ((rank - (n - held)).clamp(min=0) / (held - 1).clamp(min=1)).to(torch.float64).masked_fill(~valid, 0.0)
 
@@ -32,6 +37,7 @@ def held_ranks(values: torch.Tensor, valid: torch.Tensor, tiebreak: torch.Tensor
 # Redundancy is compared in steps of 1/1024 of a cosine: copies of one key (a repeated token's in the first layer)
 # then tie exactly, whatever rounding the batch they were computed in left on them, and the older copy goes first.
 REDUNDANCY_STEP = 1 / 1024
+_POSITION_BITS = 41  # logical positions below 2**41 (as the LRFU's tiebreak assumes 2**40)
 
 
 # Entries (layers x heads x held) per pass of `key_redundancy`: enough layers at once that short rows do not pay
@@ -78,5 +84,14 @@ def less_redundant_first(worth: torch.Tensor, tiebreak: torch.Tensor, weight: fl
     """[L, H, n] keep priority: the rank of (worth, tiebreak) less `weight` times the rank of the key's redundancy
     (among equal redundancy the older entry ranks as the more redundant)."""
     valid = selection.valid
-    redundancy = held_ranks(key_redundancy(selection), valid, -selection.positions.to(torch.float64))
-    return held_ranks(worth, valid, tiebreak) - weight * redundancy
+    return held_ranks(worth, valid, tiebreak) - weight * redundancy_ranks(key_redundancy(selection), selection)
+
+
+def redundancy_ranks(redundancy: torch.Tensor, selection: SelectionInput) -> torch.Tensor:
+    """`held_ranks(redundancy, valid, -positions)` with one sort instead of two: a redundancy in steps of
+    `REDUNDANCY_STEP` (within [-1, 1]) and a position pack into one integer key (-1 for entries not held; ties, if
+    a head held one position twice, go by slot as there). 1.5x faster at 2K entries on one CPU thread."""
+    steps = torch.round(redundancy / REDUNDANCY_STEP).to(torch.int64) + round(1 / REDUNDANCY_STEP)  # 0 .. 2048
+    newest_first = (1 << _POSITION_BITS) - 1 - selection.positions.to(torch.int64)
+    key = ((steps << _POSITION_BITS) | newest_first).masked_fill(~selection.valid, -1)
+    return _scaled_ranks(key.argsort(dim=-1, stable=True), selection.valid)
