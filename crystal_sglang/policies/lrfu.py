@@ -75,9 +75,9 @@ class CrystalLite(EvictionPolicy):
         crf, tau = state.entries.storage("crf"), state.entries.storage("tau")
         hit = state.entries.where(scores.nucleus(self.params.top_p))
         last = tau[hit]
-        earlier = last < step  # an entry created this step has had its first hit already
-        hit, last = hit[earlier], last[earlier]
-        crf[hit] = crf[hit] * torch.pow(self.params.lam, (step - last).to(torch.float64)) + 1.0
+        decayed = crf[hit] * torch.pow(self.params.lam, (step - last).to(torch.float64))
+        # An entry created this step (last == step) has had its first hit already: it keeps its CRF.
+        crf[hit] = torch.where(last < step, decayed + 1.0, decayed)
         tau[hit] = step
 
     def worth(self, state: PolicyState, step: int) -> torch.Tensor:
