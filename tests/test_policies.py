@@ -367,6 +367,10 @@ def test_lrfu_hit_decays_then_rewards():
     assert crf.tolist() == [1.375, 1.0, 1.0, 1.0, 1.0]
     worth = evictor.policy.worth(evictor.state, 5)[0, 0]
     assert worth.tolist() == pytest.approx([0.6875, 0.0625, 0.125, 0.25, 0.5])
+    evictor.append(1)  # step 5: the entry created now is the one attended; its creation was its first hit
+    evictor.observe(one_hot_attention(evictor, 5))
+    assert evictor.state.entries["crf"][0, 0].tolist() == [1.375, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert evictor.state.entries["tau"][0, 0].tolist() == [4, 1, 2, 3, 4, 5]
 
 
 def repeated_key_table(evictor, first: int, second: int, n: int = 9, noise: float = 0.0,
