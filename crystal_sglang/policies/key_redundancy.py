@@ -63,9 +63,9 @@ def key_redundancy(selection: SelectionInput) -> torch.Tensor:
         turns = torch.cat(rotary.turns(-shifts, torch.float32, keys.device), dim=-1)  # [distinct, rotary_dim]
         half = turns.shape[-1] // 2
     cosine_sums = torch.empty(valid.shape, dtype=torch.float32, device=keys.device)
-    step = max(1, ENTRIES_PER_PASS // (heads * n))
-    for start in range(0, layers, step):
-        span = slice(start, start + step)
+    layers_per_pass = max(1, ENTRIES_PER_PASS // (heads * n))
+    for start in range(0, layers, layers_per_pass):
+        span = slice(start, start + layers_per_pass)
         span_keys = keys[span].to(torch.float32).flatten(0, 1)  # [c * H, n, d]
         inverse_norms = torch.linalg.vector_norm(span_keys, dim=-1).clamp_(min=1e-12).reciprocal_()
         inverse_norms = inverse_norms.masked_fill_(~valid[span].flatten(0, 1), 0.0).unsqueeze(1)  # [c * H, 1, n]
