@@ -21,7 +21,6 @@ from crystal_sglang.config import ConfigError
 from crystal_sglang.eviction import PER_HEAD, SHARED_SLOTS, RequestEvictor, entry_bytes
 from crystal_sglang.policies import POLICIES, POLICY_NAMES, create_policy, policy_class
 from crystal_sglang.policies.base import CacheShape, SelectionInput, StepBatch, StepScores, keep_top, nucleus
-from crystal_sglang.policies import key_redundancy as key_redundancy_module
 from crystal_sglang.policies.key_redundancy import REDUNDANCY_STEP, held_ranks, key_redundancy, redundancy_ranks
 from crystal_sglang.policies.rkv import redundancy
 from crystal_sglang.policies.thinkv import EXECUTION, REASONING, TRANSITION, Calibration, kmeans_survivors
@@ -407,32 +406,6 @@ def test_key_redundancy_compares_keys_turned_back_to_one_position(noise, layout)
     redundancy_of = key_redundancy(evictor.selection_input(table))[0, 0]
     assert redundancy_of[1] == redundancy_of[6]
     assert bool((redundancy_of[[0, 2, 3, 4, 5, 7, 8]] < redundancy_of[1]).all())
-
-
-@pytest.mark.parametrize("held", [5, 40])
-def test_key_redundancy_is_the_same_however_many_layers_a_pass_takes(monkeypatch, held):
-    """One layer per pass, two, or all five at once give the same values, and each layer's are those of its own
-    heads (a layer computed alone)."""
-    generator = torch.Generator().manual_seed(held)
-    layers, heads, dim = 5, 2, 8
-    keys = torch.randn(layers, heads, held, dim, generator=generator)
-    positions = torch.stack([torch.randperm(3 * held, generator=generator)[:held].sort().values
-                             for _ in range(layers * heads)]).view(layers, heads, held)  # fmt: skip
-    valid = torch.rand(positions.shape, generator=generator) > 0.2
-    rotary = rope_in_layout("rotate-half", dim)
-
-    def redundancy_of(span: slice) -> torch.Tensor:
-        context = SimpleNamespace(keys=lambda: keys[span], rotary=rotary)
-        return key_redundancy(SelectionInput(budgets=None, protected=None, valid=valid[span],
-                                             positions=positions[span], step=3 * held, context=context))  # fmt: skip
-
-    by_pass = []
-    for entries in (1, 2 * heads * held, 10**6):
-        monkeypatch.setattr(key_redundancy_module, "ENTRIES_PER_PASS", entries)
-        by_pass.append(redundancy_of(slice(None)))
-    assert all(torch.equal(by_pass[0], values) for values in by_pass[1:])
-    for layer in range(layers):
-        assert torch.equal(redundancy_of(slice(layer, layer + 1))[0], by_pass[0][layer])
 
 
 @pytest.mark.parametrize("weight, evicted", [(0.0, [0, 1]), (0.9, [0, 2])])

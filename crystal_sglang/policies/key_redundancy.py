@@ -40,41 +40,32 @@ REDUNDANCY_STEP = 1 / 1024
 _POSITION_BITS = 41  # logical positions below 2**41 (as the LRFU's tiebreak assumes 2**40)
 
 
-# Entries (layers x heads x held) per pass of `key_redundancy`: enough layers at once that short rows do not pay
-# each op's fixed cost per layer, few enough that a pass's keys stay in the CPU's caches at long ones.
-ENTRIES_PER_PASS = 8192
-
-
 def key_redundancy(selection: SelectionInput) -> torch.Tensor:
     """[L, H, n] float64: each held key's mean cosine with its head's held keys (itself included), in steps of
     `REDUNDANCY_STEP`; keys turned back to position 0 where the integration knows the model's rotary embedding (as
     they are otherwise: a model without one).
 
     With k' the turned-back keys and s = sum_j k'_j / |k_j| over the held ones, an entry's cosine sum is
-    (k'_i . s) / |k_i|: two products per head, no normalised copy of the keys (turning does not change a norm). A
-    few layers per pass (`ENTRIES_PER_PASS`: one layer at 2K entries, where the whole request at once took 3x longer
-    on one CPU thread; all 30 of SmolLM2-135M's at 144, where one layer per pass took 1.4x longer); the turns
-    computed once per distinct position, and the turned keys left in parts (a dot product does not need them in
-    place). Its cost: docs/FIDELITY.md, "Key redundancy"."""
+    (k'_i . s) / |k_i|: two products per head, no normalised copy of the keys (turning does not change a norm). One
+    layer at a time, whose keys stay in the CPU's caches (3x faster than the whole request at once at 2K entries on
+    one CPU thread); the turns computed once per distinct position, and the turned keys left in parts (a dot product
+    does not need them in place). Its cost: docs/FIDELITY.md, "Key redundancy"."""
     keys, rotary, valid = selection.context.keys(), selection.context.rotary, selection.valid
-    layers, heads, n, _ = keys.shape
     if rotary is not None:
         shifts, each = torch.unique(selection.positions, return_inverse=True)
         turns = torch.cat(rotary.turns(-shifts, torch.float32, keys.device), dim=-1)  # [distinct, rotary_dim]
         half = turns.shape[-1] // 2
     cosine_sums = torch.empty(valid.shape, dtype=torch.float32, device=keys.device)
-    layers_per_pass = max(1, ENTRIES_PER_PASS // (heads * n))
-    for start in range(0, layers, layers_per_pass):
-        span = slice(start, start + layers_per_pass)
-        span_keys = keys[span].to(torch.float32).flatten(0, 1)  # [c * H, n, d]
-        inverse_norms = torch.linalg.vector_norm(span_keys, dim=-1).clamp_(min=1e-12).reciprocal_()
-        inverse_norms = inverse_norms.masked_fill_(~valid[span].flatten(0, 1), 0.0).unsqueeze(1)  # [c * H, 1, n]
-        parts = (span_keys,)
+    for layer in range(keys.shape[0]):
+        layer_keys = keys[layer].to(torch.float32)
+        inverse_norms = torch.linalg.vector_norm(layer_keys, dim=-1).clamp_(min=1e-12).reciprocal_()
+        inverse_norms = inverse_norms.masked_fill_(~valid[layer], 0.0).unsqueeze(1)  # [H, 1, n]
+        parts = (layer_keys,)
         if rotary is not None:
-            span_turns = turns.index_select(0, each[span].flatten()).view(-1, n, 2 * half)
-            parts = rotary.turned_parts(span_keys, span_turns[..., :half], span_turns[..., half:])
-        sums = [torch.matmul(part, torch.matmul(inverse_norms, part).transpose(1, 2)) for part in parts]  # [c*H, n, 1]
-        cosine_sums[span] = (torch.stack(sums).sum(0).squeeze(-1) * inverse_norms.squeeze(1)).view(-1, heads, n)
+            layer_turns = turns.index_select(0, each[layer].flatten()).view(*each.shape[1:], -1)
+            parts = rotary.turned_parts(layer_keys, layer_turns[..., :half], layer_turns[..., half:])
+        sums = [torch.matmul(part, torch.matmul(inverse_norms, part).transpose(1, 2)) for part in parts]  # [H, n, 1]
+        cosine_sums[layer] = torch.stack(sums).sum(0).squeeze(-1) * inverse_norms.squeeze(1)
     mean_cosine = cosine_sums.to(torch.float64) / valid.sum(-1, keepdim=True).clamp(min=1)
     return torch.round(mean_cosine / REDUNDANCY_STEP) * REDUNDANCY_STEP
 
@@ -90,7 +81,7 @@ def less_redundant_first(worth: torch.Tensor, tiebreak: torch.Tensor, weight: fl
 def redundancy_ranks(redundancy: torch.Tensor, selection: SelectionInput) -> torch.Tensor:
     """`held_ranks(redundancy, valid, -positions)` with one sort instead of two: a redundancy in steps of
     `REDUNDANCY_STEP` (within [-1, 1]) and a position pack into one integer key (-1 for entries not held; ties, if
-    a head held one position twice, go by slot as there). 1.5x faster at 2K entries on one CPU thread."""
+    a head held one position twice, go by slot as there). 1.3x faster at 2K entries on one CPU thread."""
     steps = torch.round(redundancy / REDUNDANCY_STEP).to(torch.int64) + round(1 / REDUNDANCY_STEP)  # 0 .. 2048
     newest_first = (1 << _POSITION_BITS) - 1 - selection.positions.to(torch.int64)
     key = ((steps << _POSITION_BITS) | newest_first).masked_fill(~selection.valid, -1)
