@@ -156,6 +156,21 @@ def mean_over_sequences(per_sequence: list[dict]) -> dict:
     return result
 
 
+def study_over_sequences(model, sequences, budget_labels: list[str], signals: dict[str, Signal], answer_only: bool) -> dict:
+    """`mean_over_sequences` of the study of `signals` on `sequences` (their full-cache forwards run here), at each
+    budget label resolved against each sequence's full length; `answer_only`: the answer queries' future only."""
+    from benchmarks.fidelity.workload import full_cache_reference
+
+    per_sequence = []
+    for sequence, reference in zip(tqdm(sequences, desc="predictability", unit="seq"),
+                                   full_cache_reference(model, sequences)):  # fmt: skip
+        full = len(sequence.prompt_ids) + len(sequence.continuation_ids)
+        budgets = {label: parse_budget(label).resolve(full) for label in budget_labels}
+        queries = answer_queries(sequence) if answer_only else None
+        per_sequence.append(study(reference.attention, budgets, signals, queries=queries))
+    return mean_over_sequences(per_sequence)
+
+
 def plot(result: dict, path: Path, answer_queries: bool = False) -> None:
     import matplotlib
 
@@ -188,8 +203,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from benchmarks.fidelity.workload import (full_cache_reference, greedy_traces, load_default_model,
-                                              solution_records, solution_sequences)
+    from benchmarks.fidelity.workload import greedy_traces, load_default_model, solution_records, solution_sequences
     from crystal_sglang.prompts import load_problems
 
     _, tokenizer, model = load_default_model()
@@ -197,15 +211,7 @@ def main() -> None:
         sequences = solution_sequences(tokenizer, solution_records(args.problems), args.prompts or 8, 512)
     else:
         sequences = greedy_traces(model, tokenizer, load_problems(None, args.prompts or 20), 512)
-    budget_labels = args.budgets.split(",")
-    per_sequence = []
-    for sequence, reference in zip(tqdm(sequences, desc="predictability", unit="seq"),
-                                   full_cache_reference(model, sequences)):  # fmt: skip
-        full = len(sequence.prompt_ids) + len(sequence.continuation_ids)
-        budgets = {label: parse_budget(label).resolve(full) for label in budget_labels}
-        queries = answer_queries(sequence) if args.answer_queries else None
-        per_sequence.append(study(reference.attention, budgets, queries=queries))
-    result = mean_over_sequences(per_sequence)
+    result = study_over_sequences(model, sequences, args.budgets.split(","), SIGNALS, args.answer_queries)
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.fidelity.predictability " + " ".join(sys.argv[1:])
     (args.out / "predictability.json").write_text(json.dumps({"command": command, "results": result}, indent=1))

@@ -14,11 +14,9 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from benchmarks.fidelity import predictability as P
-from benchmarks.fidelity.workload import full_cache_reference, load_default_model, solution_records, solution_sequences
-from crystal_sglang.config import parse_budget
+from benchmarks.fidelity.workload import load_default_model, solution_records, solution_sequences
 from crystal_sglang.policies.base import nucleus
 
 AGE, TOP_P, LAM = 32, 0.9, 0.6
@@ -36,15 +34,6 @@ def hits(rows, prompt):
     return _hits[key]
 
 
-def decayed(weights, lam):
-    result = torch.zeros_like(weights)
-    running = torch.zeros_like(weights[:, 0])
-    for step in range(weights.shape[1]):
-        running = lam * running + weights[:, step]
-        result[:, step] = running
-    return result
-
-
 def late(rows, prompt):
     n = rows.shape[-1]
     age = torch.arange(n).view(n, 1) - torch.arange(n).view(1, n)  # [query step, entry]
@@ -52,7 +41,7 @@ def late(rows, prompt):
 
 
 def late_signal(lam):
-    return lambda rows, prompt: decayed(late(rows, prompt), lam)
+    return lambda rows, prompt: P.decayed_signal(lam)(late(rows, prompt), prompt)
 
 
 lrfu = P.policy_signal("crystal-lite", {"redundancy": 0})
@@ -60,7 +49,7 @@ lrfu = P.policy_signal("crystal-lite", {"redundancy": 0})
 
 def mix(weight, lam):
     def scores(rows, prompt):
-        return lrfu(rows, prompt) + weight * decayed(late(rows, prompt), lam)
+        return lrfu(rows, prompt) + weight * P.decayed_signal(lam)(late(rows, prompt), prompt)
     return scores
 
 
@@ -68,7 +57,7 @@ def weighted_lrfu(gamma):
     """The LRFU's worth as a decayed sum of hits, a late hit counting 1 + gamma (no creation hit: ranks among the
     candidates differ from the policy's only for entries never hit)."""
     def scores(rows, prompt):
-        return decayed(hits(rows, prompt).float() + gamma * late(rows, prompt), LAM)
+        return P.decayed_signal(LAM)(hits(rows, prompt).float() + gamma * late(rows, prompt), prompt)
     return scores
 
 
@@ -80,12 +69,7 @@ torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
 _, tok, model = load_default_model()
 seqs = solution_sequences(tok, solution_records(Path("../shared/data/math500.jsonl")), 8, 512)
 for answer in (False, True):
-    per = []
-    for s, ref in zip(tqdm(seqs), full_cache_reference(model, seqs)):
-        full = len(s.prompt_ids) + len(s.continuation_ids)
-        budgets = {label: parse_budget(label).resolve(full) for label in ("64", "10%", "20%")}
-        per.append(P.study(ref.attention, budgets, signals, queries=P.answer_queries(s) if answer else None))
-    res = P.mean_over_sequences(per)
+    res = P.study_over_sequences(model, seqs, ["64", "10%", "20%"], signals, answer)
     print("ANSWER QUERIES" if answer else "ALL QUERIES")
     for label, sig in res.items():
         print(label, "  ".join(f"{name}={r['captured']:.3f}" for name, r in sig.items()))

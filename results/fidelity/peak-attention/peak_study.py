@@ -8,10 +8,8 @@ Captured future attention over foresight's, all queries' future and then the ans
     PYTHONPATH=. python results/fidelity/peak-attention/peak_study.py   # > captured.txt (10 min, 1 thread)
 """
 import sys, torch
-from tqdm.auto import tqdm
 from benchmarks.fidelity import predictability as P
-from benchmarks.fidelity.workload import full_cache_reference, load_default_model, solution_records, solution_sequences
-from crystal_sglang.config import parse_budget
+from benchmarks.fidelity.workload import load_default_model, solution_records, solution_sequences
 
 def peak_signal(lam):
     def scores(rows, prompt):
@@ -42,12 +40,7 @@ torch.set_num_threads(1)
 _, tok, model = load_default_model()
 seqs = solution_sequences(tok, solution_records(__import__("pathlib").Path("../shared/data/math500.jsonl")), 8, 512)
 for answer in (False, True):
-    per = []
-    for s, ref in zip(tqdm(seqs), full_cache_reference(model, seqs)):
-        full = len(s.prompt_ids) + len(s.continuation_ids)
-        budgets = {l: parse_budget(l).resolve(full) for l in ("64", "10%", "20%")}
-        per.append(P.study(ref.attention, budgets, signals, queries=P.answer_queries(s) if answer else None))
-    res = P.mean_over_sequences(per)
+    res = P.study_over_sequences(model, seqs, ["64", "10%", "20%"], signals, answer)
     print("ANSWER QUERIES" if answer else "ALL QUERIES")
     for l, sig in res.items():
         print(l, "  ".join(f"{n}={r['captured']:.3f}" for n, r in sig.items()))

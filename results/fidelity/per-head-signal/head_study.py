@@ -21,21 +21,12 @@ from crystal_sglang.config import parse_budget
 from crystal_sglang.policies.base import nucleus
 
 
-def decayed(weights, lam):
-    result = torch.zeros_like(weights)
-    running = torch.zeros_like(weights[:, 0])
-    for step in range(weights.shape[1]):
-        running = lam * running + weights[:, step]
-        result[:, step] = running
-    return result
-
-
 def signals(rows, prompt):
     seen = rows.clone()
     seen[:, :prompt] = 0
     hits = nucleus(seen, 0.9).float()
-    out = {f"lrfu {lam}": decayed(hits, lam) for lam in (0.3, 0.6, 0.8, 0.9, 0.95)}
-    out.update({f"attention {lam}": decayed(seen, lam) for lam in (0.5, 0.8, 0.9, 0.97)})
+    out = {f"lrfu {lam}": P.decayed_signal(lam)(hits, prompt) for lam in (0.3, 0.6, 0.8, 0.9, 0.95)}
+    out.update({f"attention {lam}": P.decayed_signal(lam)(rows, prompt) for lam in (0.5, 0.8, 0.9, 0.97)})
     return out
 
 
