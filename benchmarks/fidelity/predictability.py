@@ -171,6 +171,24 @@ def study_over_sequences(model, sequences, budget_labels: list[str], signals: di
     return mean_over_sequences(per_sequence)
 
 
+def one_off_study(signals: dict[str, Signal], threads: int = 1, prompts: int = 8,
+                  problems: Path = Path("../shared/data/math500.jsonl")) -> None:  # fmt: skip
+    """The one-off studies' harness (their scripts under results/fidelity/): `signals` on the first `prompts` chained
+    MATH-500 solutions conversations at 64 / 10 % / 20 %, all queries' future then the answer queries', printed as
+    one line of captured shares per budget."""
+    from benchmarks.fidelity.workload import load_default_model, solution_records, solution_sequences
+
+    torch.set_num_threads(threads)
+    _, tokenizer, model = load_default_model()
+    sequences = solution_sequences(tokenizer, solution_records(problems), prompts, 512)
+    for answer_only in (False, True):
+        result = study_over_sequences(model, sequences, ["64", "10%", "20%"], signals, answer_only)
+        print("ANSWER QUERIES" if answer_only else "ALL QUERIES")
+        for label, by_signal in result.items():
+            print(label, "  ".join(f"{name}={row['captured']:.3f}" for name, row in by_signal.items()))
+        sys.stdout.flush()
+
+
 def plot(result: dict, path: Path, answer_queries: bool = False) -> None:
     import matplotlib
 

@@ -11,12 +11,10 @@ future and then the answer queries' only.
     PYTHONPATH=. python results/fidelity/late-hits/late_study.py 2   # > captured.txt (12 min on 2 threads)
 """
 import sys
-from pathlib import Path
 
 import torch
 
 from benchmarks.fidelity import predictability as P
-from benchmarks.fidelity.workload import load_default_model, solution_records, solution_sequences
 from crystal_sglang.policies.base import nucleus
 
 AGE, TOP_P, LAM = 32, 0.9, 0.6
@@ -65,12 +63,4 @@ signals = {"lrfu": lrfu, "late 0.995": late_signal(0.995), "late 1.0": late_sign
            "lrfu+0.1late0.98": mix(0.1, 0.98), "lrfu+0.5late0.98": mix(0.5, 0.98),
            "lrfu+0.1late0.995": mix(0.1, 0.995), "lrfu+0.5late0.995": mix(0.5, 0.995),
            "lrfu late x2": weighted_lrfu(1.0), "lrfu late x4": weighted_lrfu(3.0)}
-torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
-_, tok, model = load_default_model()
-seqs = solution_sequences(tok, solution_records(Path("../shared/data/math500.jsonl")), 8, 512)
-for answer in (False, True):
-    res = P.study_over_sequences(model, seqs, ["64", "10%", "20%"], signals, answer)
-    print("ANSWER QUERIES" if answer else "ALL QUERIES")
-    for label, sig in res.items():
-        print(label, "  ".join(f"{name}={r['captured']:.3f}" for name, r in sig.items()))
-    sys.stdout.flush()
+P.one_off_study(signals, int(sys.argv[1]) if len(sys.argv) > 1 else 1)

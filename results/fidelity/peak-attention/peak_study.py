@@ -7,9 +7,8 @@ Captured future attention over foresight's, all queries' future and then the ans
 
     PYTHONPATH=. python results/fidelity/peak-attention/peak_study.py   # > captured.txt (10 min, 1 thread)
 """
-import sys, torch
+import torch
 from benchmarks.fidelity import predictability as P
-from benchmarks.fidelity.workload import load_default_model, solution_records, solution_sequences
 
 def peak_signal(lam):
     def scores(rows, prompt):
@@ -36,12 +35,4 @@ def rankmax(rows, prompt):
 signals = {"lrfu": lrfu, "decayed 0.9": P.decayed_signal(0.9), "peak": peak_signal(1.0),
            "peak 0.995": peak_signal(0.995), "peak 0.98": peak_signal(0.98),
            "lrfu+1peak": mix(1.0), "lrfu+4peak": mix(4.0), "rankmax": rankmax}
-torch.set_num_threads(1)
-_, tok, model = load_default_model()
-seqs = solution_sequences(tok, solution_records(__import__("pathlib").Path("../shared/data/math500.jsonl")), 8, 512)
-for answer in (False, True):
-    res = P.study_over_sequences(model, seqs, ["64", "10%", "20%"], signals, answer)
-    print("ANSWER QUERIES" if answer else "ALL QUERIES")
-    for l, sig in res.items():
-        print(l, "  ".join(f"{n}={r['captured']:.3f}" for n, r in sig.items()))
-    sys.stdout.flush()
+P.one_off_study(signals)
