@@ -156,7 +156,8 @@ def mean_over_sequences(per_sequence: list[dict]) -> dict:
     return result
 
 
-def study_over_sequences(model, sequences, budget_labels: list[str], signals: dict[str, Signal], answer_only: bool) -> dict:
+def study_over_sequences(model, sequences, budget_labels: list[str], signals: dict[str, Signal],
+                         answer_only: bool) -> dict:  # fmt: skip
     """`mean_over_sequences` of the study of `signals` on `sequences` (their full-cache forwards run here), at each
     budget label resolved against each sequence's full length; `answer_only`: the answer queries' future only."""
     from benchmarks.fidelity.workload import full_cache_reference
