@@ -18,18 +18,17 @@ from benchmarks.fidelity import predictability as P
 from crystal_sglang.policies.base import nucleus
 
 AGE, TOP_P, LAM = 32, 0.9, 0.6
-_hits: dict[int, torch.Tensor] = {}
+_hits: list = [None, None]  # the layer's rows (held, so that no later tensor takes their id) and their nuclei
 
 
 def hits(rows, prompt):
-    """[H, N, N] bool: the decode queries' nuclei (rows before the prompt's end are empty), cached per layer."""
-    key = id(rows)
-    if key not in _hits:
-        _hits.clear()
+    """[H, N, N] bool: the decode queries' nuclei (rows before the prompt's end are empty), kept for the layer's rows
+    while the study asks its signals."""
+    if _hits[0] is not rows:
         h = nucleus(rows, TOP_P)
         h[:, :prompt] = False
-        _hits[key] = h
-    return _hits[key]
+        _hits[:] = [rows, h]
+    return _hits[1]
 
 
 def late(rows, prompt):
