@@ -62,7 +62,7 @@ def score_after_attention(original, layer, q, k, v, forward_batch, *args, **kwar
         output = original(layer, q, k, v, forward_batch, *args, **kwargs)
     finally:
         _runtime.attending = None
-    _runtime.record_layer(layer.layer_id, q, forward_batch)
+    _runtime.record_layer(layer.layer_id, q, forward_batch, layer.k_scale_float)
     return output
 
 

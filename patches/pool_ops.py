@@ -19,9 +19,10 @@ from crystal_sglang.rotary import RotaryShift
 
 def pool_refusal(kv_pool) -> str | None:
     """Why eviction cannot move this KV pool's entries, or None. `PoolView.apply` moves one key row and one value
-    row per (slot, head) in each layer's buffers: SGLang's plain `MHATokenToKVPool`, unquantized. Other pools keep
-    more per slot (per-token scales, MLA's latents) or map slots between pools (sliding-window and hybrid
-    linear-attention models), and a move there would lose or corrupt entries."""
+    row per (slot, head) in each layer's buffers: SGLang's plain `MHATokenToKVPool`, in the model's dtype or in
+    float8 with one scale per layer (`--kv-cache-dtype fp8_e4m3`). Other pools keep more per slot (per-token scales,
+    MLA's latents) or map slots between pools (sliding-window and hybrid linear-attention models), and a move there
+    would lose or corrupt entries."""
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
     if type(kv_pool) is not MHATokenToKVPool:
@@ -48,10 +49,19 @@ def sliding_window_refusal(model) -> str | None:
             "--kv-evict none")
 
 
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2)
+
+
+def stored_bits(buffer: torch.Tensor) -> torch.Tensor:
+    """The buffer as the bytes SGLang stores (`--kv-cache-dtype fp8_*` pools keep uint8, since torch's indexed
+    writes lack float8 kernels; index_copy_ has none on CPU either): entries are moved bit for bit."""
+    return buffer.view(torch.uint8) if buffer.dtype in FLOAT8 else buffer
+
+
 def buffer_rows(buffer: torch.Tensor) -> torch.Tensor:
-    """A layer's key or value buffer [slots, heads, d] seen as rows [slots * heads, d], on which index_select and
-    index_copy_ are several times faster on CPU than advanced indexing of the same entries."""
-    return buffer.view(-1, buffer.shape[-1])
+    """A layer's key or value buffer [slots, heads, d] seen as rows [slots * heads, d] of its stored bits, on which
+    index_select and index_copy_ are several times faster on CPU than advanced indexing of the same entries."""
+    return stored_bits(buffer).view(-1, buffer.shape[-1])
 
 
 def head_rows(slots: torch.Tensor, heads: int) -> torch.Tensor:
@@ -83,21 +93,24 @@ class PoolView:
         heads, n = self.kv_pool.head_num, slots.numel()
         rows = head_rows(slots.view(1, 1, n), heads).view(heads * n)
         first = self.buffers(0)[0]
-        keys = torch.empty((self.layers, heads * n, first.shape[-1]), dtype=first.dtype, device=first.device)
+        stored = buffer_rows(first)
+        keys = torch.empty((self.layers, heads * n, first.shape[-1]), dtype=stored.dtype, device=first.device)
         for layer in range(self.layers):
             torch.index_select(buffer_rows(self.buffers(layer)[0]), 0, rows, out=keys[layer])
-        return keys.view(self.layers, heads, n, -1).to(torch.float32)
+        return keys.view(first.dtype).view(self.layers, heads, n, -1).to(torch.float32)
 
     def apply(self, req, n: int, decision: Decision) -> int:
         """Quantize and compact one request's row of n entries; returns the entries it holds afterwards."""
         slots = self.row_slots(req, n)
         for order in decision.quantize:
             for layer in range(self.layers):
-                keys, values = self.buffers(layer)
                 chosen = slots[order.entries[layer].to(slots.device)]  # [H, m]
                 heads = torch.arange(chosen.shape[0], device=slots.device).unsqueeze(-1)
-                keys[chosen, heads] = fake_quantize_keys(keys[chosen, heads], order.bits, order.group).to(keys.dtype)
-                values[chosen, heads] = fake_quantize_values(values[chosen, heads], order.bits, order.group).to(values.dtype)
+                for buffer, quantize in zip(self.buffers(layer), (fake_quantize_keys, fake_quantize_values)):
+                    stored = stored_bits(buffer)
+                    entries = quantize(stored[chosen, heads].view(buffer.dtype).to(torch.float32), order.bits,
+                                       order.group)
+                    stored[chosen, heads] = entries.to(buffer.dtype).view(stored.dtype)
         if decision.keep is None:
             return n
         keep = decision.keep.to(slots.device)

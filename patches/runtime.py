@@ -193,9 +193,15 @@ class EvictionRuntime:
         return layer_id if self.fused_scores and self.needs.scores and layer_id in self._layer_ids else None
 
     @timed
-    def record_layer(self, layer_id: int, q: torch.Tensor, forward_batch) -> None:
+    def record_layer(self, layer_id: int, q: torch.Tensor, forward_batch, key_scale: float | None = None) -> None:
+        """Take the layer's scores (or compute them from its queries and the pool's keys) and keep its queries.
+        `key_scale`: the checkpoint's scale of a float8 pool's keys, which SGLang stores divided by it and its GPU
+        backends multiply back; the queries carry it here, so the scores and the kept queries see the keys attention
+        saw."""
         batch = forward_batch.batch_size
         queries = q.reshape(batch, 1, self.shape.q_heads, self.shape.head_dim)
+        if key_scale is not None and key_scale != 1.0:
+            queries = queries * key_scale
         needs = self.needs
         scores = sparsity = None
         if layer_id in self._fused:

@@ -1,5 +1,5 @@
-"""The compaction of one request's row in the pool, on stand-in pools (the real ones run in the server tests); which
-of SGLang's real pools eviction accepts."""
+"""The compaction of one request's row in the pool, on stand-in pools (the real ones run in the server tests) and on
+SGLang's float8 pool (a GPU setting, built here on CPU); which of SGLang's real pools eviction accepts."""
 
 from __future__ import annotations
 
@@ -112,3 +112,81 @@ def test_only_sglangs_plain_mha_pool_is_accepted():
     assert "this model's KV cache is MLATokenToKVPool: serve this model with --kv-evict none" in pool_refusal(latent)
     scaled = memory_pool.MHATokenToKVPool(head_num=2, head_dim=4, quant_method=CPUFP8KVCacheMethod(), **common)
     assert "quantized with scales (cpu_fp8_e4m3)" in pool_refusal(scaled)
+
+
+def test_a_float8_pool_is_moved_bit_for_bit_and_read_as_its_values():
+    """SGLang's `--kv-cache-dtype fp8_e4m3` pool (a GPU setting; built here on CPU) holds its entries as uint8:
+    compaction moves them bit for bit (torch has no float8 index_copy_), the gathered keys are their float8 values,
+    and a quantization order writes float8 back."""
+    memory_pool = pytest.importorskip("sglang.srt.mem_cache.memory_pool")
+    from crystal_sglang.patches.pool_ops import pool_refusal
+    from crystal_sglang.policies.base import QuantizeOrder
+    from crystal_sglang.quantization import fake_quantize_values
+
+    layers, slots, heads, dim, n = 2, 32, 2, 16, 20
+    pool = memory_pool.MHATokenToKVPool(size=slots, page_size=1, dtype=torch.float8_e4m3fn, layer_num=layers,
+                                        device="cpu", enable_memory_saver=False, head_num=heads, head_dim=dim)
+    assert pool_refusal(pool) is None
+    generator = torch.Generator().manual_seed(0)
+    for layer in range(layers):
+        for buffer in (pool.get_key_buffer(layer), pool.get_value_buffer(layer)):
+            buffer.copy_(torch.randn(buffer.shape, generator=generator).to(buffer.dtype))
+    req_to_token = torch.zeros((1, slots), dtype=torch.int32)
+    req_to_token[0, :n] = torch.randperm(slots, generator=generator)[:n].to(torch.int32)
+    row = req_to_token[0, :n].to(torch.int64)
+    view = PoolView(pool, SimpleNamespace(req_to_token=req_to_token), FreedRows())
+    req = SimpleNamespace(kv=SimpleNamespace(req_pool_idx=0))
+
+    expected = torch.stack([pool.get_key_buffer(layer)[row].transpose(0, 1).to(torch.float32)
+                            for layer in range(layers)])
+    assert torch.equal(view.gather_keys(row), expected)
+
+    before = [pool.k_buffer[layer].clone() for layer in range(layers)]
+    keep = fill_holes(torch.stack([torch.stack([torch.randperm(n, generator=generator)[:8].sort().values
+                                                for _ in range(heads)]) for _ in range(layers)]), n)  # fmt: skip
+    quantized = torch.arange(4).expand(layers, heads, 4)  # the row's first 4 entries, at 2 bits, before the move
+    value_before = pool.get_value_buffer(0)[row[:4], 0].to(torch.float32)
+    assert view.apply(req, n, Decision(keep=keep, quantize=[QuantizeOrder(entries=quantized, bits=2, group=16)])) == 8
+
+    rounded = fake_quantize_values(value_before, 2, 16).to(torch.float8_e4m3fn)
+    for layer in range(layers):
+        for head in range(heads):
+            for j, source in enumerate(keep[layer, head].tolist()):
+                if source >= 4:  # not quantized: the same bits, moved
+                    assert torch.equal(pool.k_buffer[layer][row[j], head], before[layer][row[source], head])
+                elif layer == 0 and head == 0:
+                    assert torch.equal(pool.get_value_buffer(0)[row[j], 0].view(torch.uint8),
+                                       rounded[source].view(torch.uint8))
+
+
+def test_the_checkpoints_key_scale_reaches_the_scores_and_the_kept_queries():
+    """A float8 pool holds keys divided by the checkpoint's key scale, which the GPU backends multiply back: the
+    scores and the kept queries of a layer are those of the keys attention saw."""
+    memory_pool = pytest.importorskip("sglang.srt.mem_cache.memory_pool")
+    from crystal_sglang.kernels.score_reference import score_reference
+    from crystal_sglang.patches.runtime import EvictionRuntime
+    from crystal_sglang.policies.base import CacheShape, ScoreNeeds
+
+    slots, heads, group, dim, n, scale = 32, 2, 2, 16, 12, 3.0
+    pool = memory_pool.MHATokenToKVPool(size=slots, page_size=1, dtype=torch.float8_e4m3fn, layer_num=1,
+                                        device="cpu", enable_memory_saver=False, head_num=heads, head_dim=dim)
+    generator = torch.Generator().manual_seed(1)
+    stored = torch.randn(pool.get_key_buffer(0).shape, generator=generator).to(torch.float8_e4m3fn)
+    pool.get_key_buffer(0).copy_(stored)
+    req_to_token = torch.arange(slots, dtype=torch.int32).view(1, slots)
+    runtime = object.__new__(EvictionRuntime)
+    runtime.shape = CacheShape(layers=1, kv_heads=heads, group=group, head_dim=dim)
+    runtime.needs = ScoreNeeds(attention=True, query_window=8)
+    runtime.pool = PoolView(pool, SimpleNamespace(req_to_token=req_to_token), FreedRows())
+    runtime._fused, runtime._layer_scores, runtime.fused_scores, runtime.debug = {}, {}, False, False
+    runtime.clock = SimpleNamespace(policy=0.0)
+    q = torch.randn(1, heads * group * dim, generator=generator)
+    batch = SimpleNamespace(batch_size=1, req_pool_indices=torch.tensor([0]), seq_lens=torch.tensor([n]))
+
+    runtime.record_layer(0, q, batch, key_scale=scale)
+
+    scores, _, queries = runtime._layer_scores[0]
+    seen, _ = score_reference(q.view(1, 1, heads * group, dim), stored.to(torch.float32) * scale, req_to_token,
+                              batch.req_pool_indices, batch.seq_lens, mode="mean")  # fmt: skip
+    torch.testing.assert_close(scores, seen)
+    torch.testing.assert_close(queries, scale * q.view(1, heads * group, dim))
