@@ -53,8 +53,8 @@ FLOAT8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2)
 
 
 def stored_bits(buffer: torch.Tensor) -> torch.Tensor:
-    """The buffer as the bytes SGLang stores (`--kv-cache-dtype fp8_*` pools keep uint8, since torch's indexed
-    writes lack float8 kernels; index_copy_ has none on CPU either): entries are moved bit for bit."""
+    """The buffer as the bytes SGLang stores: a `--kv-cache-dtype fp8_*` pool keeps uint8 (its note: index_put has
+    no float8_e5m2 kernel) and torch's index_copy_ has no float8 kernel on CPU, so float8 entries move as bytes."""
     return buffer.view(torch.uint8) if buffer.dtype in FLOAT8 else buffer
 
 

@@ -116,8 +116,8 @@ def test_only_sglangs_plain_mha_pool_is_accepted():
 
 def test_a_float8_pool_is_moved_bit_for_bit_and_read_as_its_values():
     """SGLang's `--kv-cache-dtype fp8_e4m3` pool (a GPU setting; built here on CPU) holds its entries as uint8:
-    compaction moves them bit for bit (torch has no float8 index_copy_), the gathered keys are their float8 values,
-    and a quantization order writes float8 back."""
+    compaction moves them bit for bit (torch's index_copy_ has no float8 kernel on CPU), the gathered keys are their
+    float8 values, and a quantization order writes float8 back."""
     memory_pool = pytest.importorskip("sglang.srt.mem_cache.memory_pool")
     from crystal_sglang.patches.pool_ops import pool_refusal
     from crystal_sglang.policies.base import QuantizeOrder
