@@ -11,8 +11,8 @@ arguments of `python -m benchmarks.fidelity`. The runs here, each on the 24 solu
     ... experiment.py --problems ../shared/data/math500.jsonl --solutions-only --prompts 24 \
         --policies crystal-q8 --budgets 20%,30% --no-kvpress --no-oracle --no-free-running \
         --out results/fidelity/quantized-kept/q8-24
-    (--policies crystal-q6,crystal-q4 --budgets 40% --out .../q6-q4-24-40; --policies crystal-q4 --budgets 50%
-     --out .../q4-24-50; --policies crystal-q6 --budgets 30% --out .../q6-24-30; --policies crystal-fp8
+    (--policies crystal-q6,crystal-q4 --budgets 40% --out .../q6-q4-24-40; --policies crystal-q4 --budgets 45% (50%)
+     --out .../q4-24-45 (.../q4-24-50); --policies crystal-q6 --budgets 30% --out .../q6-24-30; --policies crystal-fp8
      --budgets 30%,100% --out .../fp8-24)
 `memory.py` here puts them against their memory; paired differences against `crystal` at the same budget:
 `results/fidelity/protected-window/compare.py ../redundancy/24-30-40 ../quantized-kept/q6-q4-24-40 40% --policy

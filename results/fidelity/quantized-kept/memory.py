@@ -29,6 +29,7 @@ POINTS = [  # (label, bits, run, policy, budgets)
     ("crystal, 6 bits", 6, HERE / "q6-24-30", "crystal-q6", ("30%",)),
     ("crystal, 6 bits", 6, HERE / "q6-q4-24-40", "crystal-q6", ("40%",)),
     ("crystal, 4 bits", 4, HERE / "q6-q4-24-40", "crystal-q4", ("40%",)),
+    ("crystal, 4 bits", 4, HERE / "q4-24-45", "crystal-q4", ("45%",)),
     ("crystal, 4 bits", 4, HERE / "q4-24-50", "crystal-q4", ("50%",)),
     ("crystal, float8 pool", FLOAT8, HERE / "fp8-24", "crystal-fp8", ("30%",)),
 ]
