@@ -353,3 +353,9 @@ def fill_holes(keep: torch.Tensor, n: int) -> torch.Tensor:
     behind = kept[..., k:].nonzero()  # as many per head as it has holes, in the same order
     filled[holes[:, 0], holes[:, 1], holes[:, 2]] = behind[:, 2] + k
     return filled
+
+
+def member_slots(member: torch.Tensor, count: int) -> torch.Tensor:
+    """[L, H, count] the slots of each head's first `count` members of the mask `member` [L, H, n], ascending (a
+    head with fewer members gets non-members after its own)."""
+    return torch.sort(member.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :count]

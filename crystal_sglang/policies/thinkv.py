@@ -35,6 +35,7 @@ from crystal_sglang.policies.base import (
     ScoreNeeds,
     SelectionInput,
     StepScores,
+    member_slots,
 )
 
 TRANSITION, EXECUTION, REASONING = 0, 1, 2  # ascending importance
@@ -179,10 +180,8 @@ class ThinKV(EvictionPolicy):
             if bits[segment["kind"]] >= 16:
                 continue
             member = self._members(selection, segment)
-            count = int(member.sum(-1).min())
-            entries = torch.sort(member.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :count]
-            orders.append(QuantizeOrder(entries=torch.sort(entries, -1).values, bits=bits[segment["kind"]],
-                                        group=self.params.group))  # fmt: skip
+            entries = member_slots(member, int(member.sum(-1).min()))
+            orders.append(QuantizeOrder(entries=entries, bits=bits[segment["kind"]], group=self.params.group))
         state.extra["to_quantize"] = []
         return orders
 
@@ -218,7 +217,7 @@ class ThinKV(EvictionPolicy):
             demotable = [s for s in segments if s["end"] <= answer_start]
             self._demote(state, selection, keep, merged)
         count = int(keep.sum(-1).max())
-        kept = torch.sort(keep.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :count]
+        kept = member_slots(keep, count)
         kept_valid = torch.gather(keep, -1, kept)
         order = torch.sort(kept.masked_fill(~kept_valid, keep.shape[-1]), dim=-1, stable=True).indices
         kept, kept_valid = torch.gather(kept, -1, order), torch.gather(kept_valid, -1, order)
@@ -241,7 +240,7 @@ class ThinKV(EvictionPolicy):
             segment["level"] = new_level
             return
         layers, heads, _ = keep.shape
-        index = torch.sort(member.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :count]
+        index = member_slots(member, count)
         keys = torch.gather(
             selection.context.keys(), 2, index.unsqueeze(-1).expand(-1, -1, -1, state.shape.head_dim)
         )

@@ -24,11 +24,12 @@ import sys
 import torch
 
 from crystal_sglang import policies
-from crystal_sglang.policies.base import QuantizeOrder
+from crystal_sglang.policies.base import QuantizeOrder, member_slots
 from crystal_sglang.policies.lrfu import Crystal
 from crystal_sglang.reference import cache as reference_cache
 
 GROUP = 16
+FP8 = 0  # an order's `bits` that means a float8 e4m3 round trip (this experiment's own)
 
 
 class QuantizedKept(Crystal):
@@ -50,9 +51,8 @@ class QuantizedKept(Crystal):
             # Members first (in slot order), then each head's first member again as padding: a duplicate changes no
             # group's min or max, so it is quantized to the same value. A head whose members are all evicted pads
             # with its newest entry, which its own group quantizes again later (the round trip is idempotent).
-            order = torch.sort(member.to(torch.int8), dim=-1, descending=True, stable=True).indices
             count = int(counts.max())
-            entries = order[..., :count]
+            entries = member_slots(member, count)
             newest = selection.positions.masked_fill(~selection.valid, -1).argmax(-1, keepdim=True)
             first = torch.where(counts > 0, entries[..., :1], newest)
             column = torch.arange(count, device=entries.device)
@@ -77,13 +77,9 @@ class StoredInFP8(Crystal):
 
     def transforms(self, state, selection):
         unrounded = (selection.positions >= state.extra["rounded_below"]) & selection.valid
-        count = int(unrounded.sum(-1).max())
-        entries = torch.sort(unrounded.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :count]
+        entries = member_slots(unrounded, int(unrounded.sum(-1).max()))
         state.extra["rounded_below"] = selection.step + 1
         return [QuantizeOrder(entries=entries, bits=FP8, group=1)]
-
-
-FP8 = 0  # an order's `bits` that means a float8 e4m3 round trip (this experiment's own)
 
 
 def with_fp8(quantize):
