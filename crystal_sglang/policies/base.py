@@ -12,7 +12,7 @@ Nothing here imports SGLang.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
